@@ -1,0 +1,1 @@
+"""Control plane: the Kopf operator (arrives with the operator issue)."""

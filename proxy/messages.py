@@ -1,0 +1,79 @@
+"""The seam between a front-end HTTP server and the balancing core.
+
+A front end (today aiohttp's low-level server; later perhaps a bare uvloop+httptools protocol)
+hands the core a parsed :class:`RequestHead` and a :class:`Body`, and gets back a
+:class:`Response` to write. Scheduling, stickiness and health never see the front end's types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    path: str
+    query: str
+    version: tuple[int, int]
+    #: As received, names in their original case; the core filters hop-by-hop fields itself.
+    headers: list[tuple[str, str]]
+    host: str
+    client: str
+    scheme: str = "http"
+
+
+class Body(Protocol):
+    """A request body read as a stream; ``length`` is None when the client sent it chunked."""
+
+    length: int | None
+
+    async def read(self) -> bytes:
+        """The next chunk, or b"" at the end."""
+        ...
+
+
+class EmptyBody:
+    length: int | None = 0
+
+    async def read(self) -> bytes:
+        return b""
+
+
+EMPTY_BODY = EmptyBody()
+
+
+async def _no_chunks() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+@dataclass(slots=True)
+class Response:
+    """A response to write: a head, then ``chunks()``; ``finish(ok)`` must always be called last."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    #: Content-Length to announce, or None to let the front end frame it (chunked).
+    length: int | None
+    chunks: Callable[[], AsyncIterator[bytes]] = _no_chunks
+    finish: Callable[[bool], None] = field(default=lambda ok: None)
+    #: Facts for the access log and metrics: pool, member, attempts, ...
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def local_response(status: int, reason: str, text: str, info: dict[str, object] | None = None,
+                   extra: list[tuple[str, str]] | None = None) -> Response:
+    """A response the proxy answers itself (404, 502, 503, 504 ...) with a plain-text reason."""
+    body = (text.rstrip("\n") + "\n").encode()
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
+    if extra:
+        headers.extend(extra)
+    return Response(status, reason, headers, len(body), chunks, info=info or {})

@@ -1,0 +1,641 @@
+"""The BalancerPool model: one schema for standalone files and the Kubernetes resource.
+
+Pure: no I/O beyond parsing text handed in. Validation collects every problem with its field path
+(``spec.members[2].loadfactor: must be 1..100, got 250``) instead of stopping at the first, so that
+``balancerpool check`` and the operator can report a broken resource in one pass.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+API_VERSION = "balancerpool.io/v1alpha1"
+KIND = "BalancerPool"
+
+#: httpd's member status flags: Disabled, Stopped, Ignore-errors, Hot-standby, hot spaRe, Error,
+#: draiN, and health-Check failed.
+MEMBER_FLAGS = "DSIHRENC"
+
+_T = TypeVar("_T")
+_D = TypeVar("_D")
+
+
+class LBMethod(enum.StrEnum):
+    BYREQUESTS = "byrequests"
+    BYTRAFFIC = "bytraffic"
+    BYBUSYNESS = "bybusyness"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    path: str
+    reason: str
+    document: str = ""
+
+    def __str__(self) -> str:
+        prefix = f"{self.document}: " if self.document else ""
+        return f"{prefix}{self.path}: {self.reason}"
+
+
+class InvalidBalancerPool(ValueError):
+    """Raised with every problem found, each naming its field."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("\n".join(str(e) for e in errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolSpec:
+    """httpd's per-worker pool parameters (``min max smax ttl acquire keepalive disablereuse``)."""
+
+    min: int = 0
+    max: int | None = None
+    smax: int | None = None
+    ttl: float | None = None
+    acquire: float | None = None
+    keepalive: bool = False
+    disablereuse: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MemberSpec:
+    url: str
+    host: str
+    port: int
+    base_path: str
+    name: str
+    route: str | None = None
+    loadfactor: float = 1.0
+    lbset: int = 0
+    status: frozenset[str] = frozenset()
+    redirect: str | None = None
+    retry: float = 60.0
+    timeout: float = 60.0
+    connectiontimeout: float = 60.0
+    pool: ConnectionPoolSpec = ConnectionPoolSpec()
+
+    @property
+    def authority(self) -> str:
+        return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """httpd's ``ProxyPass path balancer://pool/backendPath`` plus ``ProxyPassReverse``."""
+
+    path: str
+    backend_path: str
+    reverse: bool = True
+    preserve_host: bool = False
+    hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StickySession:
+    cookie: str | None
+    param: str | None
+
+    @property
+    def names(self) -> str:
+        """The ``stickysession`` value as written, for ``BALANCER_SESSION_STICKY``."""
+        return "|".join(n for n in (self.cookie, self.param) if n is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerPool:
+    name: str
+    namespace: str | None = None
+    listen: tuple[str, int] | None = None
+    routes: tuple[RouteSpec, ...] = ()
+    lbmethod: LBMethod = LBMethod.BYREQUESTS
+    maxattempts: int = 1
+    nofailover: bool = False
+    forcerecovery: bool = True
+    timeout: float = 0.0
+    failonstatus: frozenset[int] = frozenset()
+    failontimeout: bool = False
+    stickysession: StickySession | None = None
+    stickysessionsep: str | None = "."
+    scolonpathdelim: bool = False
+    members: tuple[MemberSpec, ...] = field(default=())
+
+    @property
+    def balancer_name(self) -> str:
+        """httpd's ``BALANCER_NAME``."""
+        return f"balancer://{self.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """``5s``, ``200ms``, ``1m``, ``1m30s`` or a bare number of seconds (httpd's own unit)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration like 5s, 200ms or 1m, got {value!r}")
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"must be a non-negative duration, got {value!r}")
+        return float(value)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a duration like 5s, 200ms or 1m, got {value!r}")
+    text = value.strip()
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if m is None:
+            raise ValueError(f"must be a duration like 5s, 200ms or 1m, got {value!r}")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading with field paths
+
+
+class _Reader:
+    """Reads one mapping, recording problems under ``path`` and refusing unknown fields."""
+
+    def __init__(self, data: object, path: str, errors: list[FieldError]) -> None:
+        self.path = path
+        self.errors = errors
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            self.error("", f"must be a mapping, got {_kind(data)}")
+            data = {}
+        self.data: Mapping[str, Any] = data
+        self.seen: set[str] = set()
+
+    def sub(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, reason: str) -> None:
+        self.errors.append(FieldError(self.sub(key) if key else self.path, reason))
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def get(self, key: str, conv: Callable[[Any], _T], default: _D) -> _T | _D:
+        self.seen.add(key)
+        value = self.data.get(key)
+        if value is None:
+            return default
+        try:
+            return conv(value)
+        except ValueError as exc:
+            self.error(key, str(exc))
+            return default
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.error(str(key), "unknown field")
+
+
+def _kind(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {_kind(value)}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    # httpd writes On/Off; YAML 1.1 already maps on/off/yes/no to booleans.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("on", "off"):
+        return value.lower() == "on"
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number {lo}..{hi}, got {value!r}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be {lo}..{hi}, got {value}")
+        return value
+
+    return conv
+
+
+def _loadfactor(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"must be a number 1..100, got {value!r}")
+    if not 1 <= value <= 100:
+        raise ValueError(f"must be 1..100, got {value:g}")
+    if round(value, 2) != value:
+        raise ValueError(f"takes at most two decimals, got {value!r}")
+    return float(value)
+
+
+_FLAGS_RE = re.compile(r"^(?:[+-]?[A-Za-z])*$")
+
+
+def _status(value: Any) -> frozenset[str]:
+    """httpd's ``status=`` syntax: ``D``, ``+H``, ``DH`` (a ``-X`` clears X from the default none)."""
+    if isinstance(value, list):
+        value = "".join(str(v) for v in value)
+    if not isinstance(value, str) or not _FLAGS_RE.match(value):
+        raise ValueError(f"must be status flags from {MEMBER_FLAGS} such as 'D' or '+H', got {value!r}")
+    flags: set[str] = set()
+    sign = "+"
+    for ch in value:
+        if ch in "+-":
+            sign = ch
+            continue
+        flag = ch.upper()
+        if flag not in MEMBER_FLAGS:
+            raise ValueError(f"unknown status flag {ch!r}: flags are {' '.join(MEMBER_FLAGS)}")
+        (flags.add if sign == "+" else flags.discard)(flag)
+        sign = "+"
+    return frozenset(flags)
+
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_ROUTE_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,64}$")
+
+
+def _route(value: Any) -> str:
+    text = _string(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
+    if not _ROUTE_RE.match(text):
+        raise ValueError(f"must be 1..64 URL-safe characters, got {text!r}")
+    return text
+
+
+def _path(value: Any) -> str:
+    text = _string(value)
+    if not text.startswith("/") or any(c in text for c in " ?#\r\n\t") or "//" in text:
+        raise ValueError(f"must be an absolute path like /app without query or spaces, got {text!r}")
+    return text
+
+
+def _listen(value: Any) -> tuple[str, int]:
+    return parse_listen(_string(value))
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT such as 127.0.0.1:8080, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _sticky(value: Any) -> StickySession:
+    text = _string(value)
+    cookie, _, param = text.partition("|")
+    names = [n for n in (cookie, param) if n]
+    if not names or any(not _TOKEN_RE.match(n) for n in names) or param.count("|"):
+        raise ValueError(f"must be COOKIE or COOKIE|param with token characters, got {text!r}")
+    return StickySession(cookie=cookie or None, param=param or None)
+
+
+def _sep(value: Any) -> str | None:
+    if value is False:
+        return None
+    text = _string(value)
+    if text.lower() == "off":
+        return None
+    if len(text) != 1 or not text.isprintable() or text in "=;, ":
+        raise ValueError(f"must be one character such as '.', or 'off', got {text!r}")
+    return text
+
+
+def _statuses(value: Any) -> frozenset[int]:
+    items = value if isinstance(value, list) else [value]
+    codes: set[int] = set()
+    for item in items:
+        parts = str(item).split(",") if not isinstance(item, int) else [str(item)]
+        for part in parts:
+            part = part.strip()
+            if not part.isdigit() or not 100 <= int(part) <= 599:
+                raise ValueError(f"must be HTTP status codes 100..599, got {item!r}")
+            codes.add(int(part))
+    return frozenset(codes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_documents(text: str) -> list[Any]:
+    """Parse YAML (one or more ``---`` documents); raises InvalidBalancerPool on a syntax error."""
+    try:
+        return [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f"line {mark.line + 1}, column {mark.column + 1}"
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise InvalidBalancerPool([FieldError(where or "(file)", f"not valid YAML: {reason}")]) from None
+
+
+def parse_pools(text: str) -> list[BalancerPool]:
+    """Every BalancerPool in a file, or InvalidBalancerPool listing every problem in it."""
+    documents = load_documents(text)
+    if not documents:
+        raise InvalidBalancerPool([FieldError("(file)", "holds no BalancerPool")])
+    pools: list[BalancerPool] = []
+    errors: list[FieldError] = []
+    for index, doc in enumerate(documents):
+        label = ""
+        if len(documents) > 1:
+            name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
+            label = f"documents[{index}]" + (f" (BalancerPool {name})" if isinstance(name, str) else "")
+        doc_errors: list[FieldError] = []
+        pool = parse_pool(doc, doc_errors)
+        errors.extend(FieldError(e.path, e.reason, label) for e in doc_errors)
+        if pool is not None and not doc_errors:
+            pools.append(pool)
+    names = [(p.namespace, p.name) for p in pools]
+    for dup in sorted({n for n in names if names.count(n) > 1}, key=str):
+        errors.append(FieldError("metadata.name", f"BalancerPool {dup[1]!r} is defined twice"))
+    if errors:
+        raise InvalidBalancerPool(errors)
+    return pools
+
+
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def parse_pool(doc: object, errors: list[FieldError]) -> BalancerPool | None:
+    """One BalancerPool resource (as a dict); problems are appended to ``errors``."""
+    top = _Reader(doc, "", errors)
+    if errors:
+        return None
+    api = top.raw("apiVersion")
+    if api != API_VERSION:
+        top.error("apiVersion", f"must be {API_VERSION}, got {api!r}")
+    kind = top.raw("kind")
+    if kind != KIND:
+        top.error("kind", f"must be {KIND}, got {kind!r}")
+    meta = _Reader(top.raw("metadata"), "metadata", errors)
+    name = meta.get("name", _string, "")
+    if not _NAME_RE.match(name):
+        meta.error("name", f"must be a DNS label (lower-case letters, digits, '-'), got {name!r}")
+    namespace = meta.get("namespace", _string, None) if meta.has("namespace") else None
+    for key in ("labels", "annotations", "uid", "resourceVersion", "generation", "creationTimestamp",
+                "managedFields", "finalizers", "ownerReferences", "deletionTimestamp", "selfLink"):
+        meta.raw(key)  # set by Kubernetes or other tools; not ours to judge
+    meta.finish()
+    top.raw("status")  # written by the operator; ignored on input
+    if not top.has("spec"):
+        top.error("spec", "is required")
+    spec = _Reader(top.raw("spec"), "spec", errors)
+    top.finish()
+    pool = _parse_spec(spec, name, namespace)
+    spec.finish()
+    return pool
+
+
+def _parse_spec(spec: _Reader, name: str, namespace: str | None) -> BalancerPool:
+    errors = spec.errors
+    listen = spec.get("listen", _listen, None)
+    lbmethod = spec.get("lbmethod", _enum(LBMethod), LBMethod.BYREQUESTS)
+
+    routes = tuple(_parse_list(spec, "routes", _parse_route))
+    if not routes and not any(e.path.startswith("spec.routes") for e in errors):
+        spec.error("routes", "needs at least one route (path prefix) to serve")
+    seen_routes: dict[tuple[str, tuple[str, ...]], int] = {}
+    for i, r in enumerate(routes):
+        key = (r.path, r.hosts)
+        if key in seen_routes:
+            spec.error(f"routes[{i}].path", f"{r.path!r} repeats routes[{seen_routes[key]}]")
+        seen_routes.setdefault(key, i)
+
+    defaults = spec.raw("memberDefaults")
+    defaults_reader = _Reader(defaults, spec.sub("memberDefaults"), errors)
+    if defaults is not None:
+        # Check the defaults on their own once, so a problem is reported at its own path.
+        _parse_member_fields(defaults_reader, is_default=True)
+        defaults_reader.finish()
+    base = dict(defaults_reader.data)
+
+    def member(data: object, path: str, errs: list[FieldError]) -> MemberSpec:
+        merged = {**base, **data} if isinstance(data, Mapping) else data
+        own = set(data) if isinstance(data, Mapping) else set()
+        local: list[FieldError] = []
+        reader = _Reader(merged, path, local)
+        result = _parse_member(reader)
+        reader.finish()
+        # Problems that come from memberDefaults were already reported there.
+        errs.extend(e for e in local if _own_field(e.path, path, own))
+        return result
+
+    members = list(_parse_list(spec, "members", member))
+    _check_members(spec, members)
+
+    default_attempts = max(1, len(members) - 1)
+    maxattempts = spec.get("maxattempts", _int_range(0, 100), default_attempts)
+    pool = BalancerPool(
+        name=name,
+        namespace=namespace,
+        listen=listen,
+        routes=routes,
+        lbmethod=lbmethod,
+        maxattempts=maxattempts,
+        nofailover=spec.get("nofailover", _boolean, False),
+        forcerecovery=spec.get("forcerecovery", _boolean, True),
+        timeout=spec.get("timeout", parse_duration, 0.0),
+        failonstatus=spec.get("failonstatus", _statuses, frozenset()),
+        failontimeout=spec.get("failontimeout", _boolean, False),
+        stickysession=spec.get("stickysession", _sticky, None),
+        stickysessionsep=spec.get("stickysessionsep", _sep, "."),
+        scolonpathdelim=spec.get("scolonpathdelim", _boolean, False),
+        members=tuple(members),
+    )
+    return pool
+
+
+def _own_field(error_path: str, member_path: str, own: set[str]) -> bool:
+    rest = error_path[len(member_path):].lstrip(".")
+    key = re.split(r"[.\[]", rest, maxsplit=1)[0]
+    return not key or key in own or key == "url"
+
+
+def _enum(cls: type[LBMethod]) -> Callable[[Any], LBMethod]:
+    def conv(value: Any) -> LBMethod:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"must be one of {choices}, got {value!r}") from None
+
+    return conv
+
+
+def _parse_list(
+    spec: _Reader, key: str, parse: Callable[[object, str, list[FieldError]], _T]
+) -> Iterable[_T]:
+    value = spec.raw(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        spec.error(key, f"must be a list, got {_kind(value)}")
+        return []
+    if len(value) > 10_000:
+        spec.error(key, f"holds {len(value)} items; at most 10000")
+        return []
+    return [parse(item, f"{spec.sub(key)}[{i}]", spec.errors) for i, item in enumerate(value)]
+
+
+def _parse_route(data: object, path: str, errors: list[FieldError]) -> RouteSpec:
+    r = _Reader(data, path, errors)
+    if not r.has("path"):
+        r.error("path", "is required")
+    route_path = r.get("path", _path, "/")
+    backend_path = r.get("backendPath", _path, route_path)
+    hosts = r.get("hosts", _hosts, ())
+    route = RouteSpec(
+        path=route_path,
+        backend_path=backend_path,
+        reverse=r.get("reverse", _boolean, True),
+        preserve_host=r.get("preserveHost", _boolean, False),
+        hosts=hosts,
+    )
+    r.finish()
+    return route
+
+
+def _hosts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(h, str) and h for h in value):
+        raise ValueError("must be a list of host names")
+    return tuple(sorted(h.lower() for h in value))
+
+
+def _parse_member_fields(m: _Reader, is_default: bool = False) -> dict[str, Any]:
+    timeout = m.get("timeout", parse_duration, 60.0)
+    fields: dict[str, Any] = {
+        "loadfactor": m.get("loadfactor", _loadfactor, 1.0),
+        "lbset": m.get("lbset", _int_range(0, 99), 0),
+        "status": m.get("status", _status, frozenset()),
+        "retry": m.get("retry", parse_duration, 60.0),
+        "timeout": timeout,
+        "connectiontimeout": m.get("connectiontimeout", parse_duration, timeout),
+        "pool": _parse_connection_pool(m),
+    }
+    if not is_default:
+        fields["route"] = m.get("route", _route, None)
+        fields["redirect"] = m.get("redirect", _route, None)
+    else:
+        for key in ("route", "redirect", "url", "name"):
+            if m.has(key):
+                m.error(key, "is per member; it cannot be a default")
+    return fields
+
+
+def _parse_member(m: _Reader) -> MemberSpec:
+    """A member; one with a bad URL still comes back (unusable) so later checks keep their indices."""
+    if not m.has("url"):
+        m.error("url", "is required")
+    url = m.get("url", _string, "")
+    host, port, base_path = "", 0, ""
+    if url:
+        try:
+            host, port, base_path = _member_url(url)
+        except ValueError as exc:
+            m.error("url", str(exc))
+    name = m.get("name", _string, url)
+    fields = _parse_member_fields(m)
+    return MemberSpec(url=url, host=host, port=port, base_path=base_path, name=name, **fields)
+
+
+def _member_url(url: str) -> tuple[str, int, str]:
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise ValueError(f"must be an http:// URL such as http://10.0.0.5:8080, got {url!r}")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise ValueError(f"has an invalid port: {url!r}") from None
+    if not parts.hostname or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"must be http://HOST[:PORT][/path] without query or credentials, got {url!r}")
+    return parts.hostname, port, parts.path.rstrip("/")
+
+
+def _parse_connection_pool(m: _Reader) -> ConnectionPoolSpec:
+    p = _Reader(m.raw("pool"), m.sub("pool"), m.errors)
+    pool = ConnectionPoolSpec(
+        min=p.get("min", _int_range(0, 10_000), 0),
+        max=p.get("max", _int_range(1, 100_000), None),
+        smax=p.get("smax", _int_range(0, 100_000), None),
+        ttl=p.get("ttl", parse_duration, None),
+        acquire=p.get("acquire", parse_duration, None),
+        keepalive=p.get("keepalive", _boolean, False),
+        disablereuse=p.get("disablereuse", _boolean, False),
+    )
+    if pool.max is not None:
+        if pool.min > pool.max:
+            p.error("min", f"must not exceed max ({pool.max}), got {pool.min}")
+        if pool.smax is not None and pool.smax > pool.max:
+            p.error("smax", f"must not exceed max ({pool.max}), got {pool.smax}")
+    if pool.smax is not None and pool.min > pool.smax:
+        p.error("min", f"must not exceed smax ({pool.smax}), got {pool.min}")
+    if pool.disablereuse and pool.min:
+        p.error("min", "pre-opened connections make no sense with disablereuse")
+    p.finish()
+    return pool
+
+
+def _check_members(spec: _Reader, members: list[MemberSpec]) -> None:
+    names: dict[str, int] = {}
+    routes: dict[str, int] = {}
+    for i, member in enumerate(members):
+        if member.name in names:
+            spec.error(f"members[{i}].name", f"{member.name!r} repeats members[{names[member.name]}]")
+        names.setdefault(member.name, i)
+        if member.route is not None:
+            if member.route in routes:
+                spec.error(f"members[{i}].route",
+                           f"{member.route!r} repeats members[{routes[member.route]}]")
+            routes.setdefault(member.route, i)
+    for i, member in enumerate(members):
+        if member.redirect is not None:
+            if member.redirect not in routes:
+                spec.error(f"members[{i}].redirect", f"names no member's route: {member.redirect!r}")
+            elif member.redirect == member.route:
+                spec.error(f"members[{i}].redirect", "must name another member's route, not its own")

@@ -1,0 +1,244 @@
+"""The front end and the process around it: listeners, configuration reloads, signals.
+
+The front end is aiohttp's low-level server (no router, no middlewares). It turns each request
+into the seam's :class:`RequestHead` and :class:`Body` and writes back the core's
+:class:`Response`; nothing else here knows about balancing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from .forward import Forwarder
+from .messages import RequestHead
+from .model import BalancerPool, InvalidBalancerPool, parse_pools
+from .upstream import UpstreamError
+
+log = logging.getLogger("balancerpool.proxy")
+
+DEFAULT_LISTEN = ("127.0.0.1", 8080)
+
+
+class RequestBody:
+    """The seam's Body over aiohttp's request stream."""
+
+    __slots__ = ("content", "length")
+
+    def __init__(self, request: BaseRequest) -> None:
+        self.content = request.content
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            self.length: int | None = None
+        else:
+            self.length = request.content_length or 0
+
+    async def read(self) -> bytes:
+        return await self.content.readany()
+
+
+class FrontEnd:
+    """Turns aiohttp requests into calls of ``Forwarder.handle``."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+        raw = request.raw_path
+        path, _, query = raw.partition("?")
+        head = RequestHead(
+            method=request.method,
+            path=path,
+            query=query,
+            version=(request.version.major, request.version.minor),
+            headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.raw_headers],
+            host=request.headers.get("Host", ""),
+            client=request.remote or "",
+        )
+        body = RequestBody(request)
+        if body.length != 0 and request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        result = await self.forwarder.handle(head, body)
+        response = web.StreamResponse(status=result.status, reason=result.reason or None)
+        headers = response.headers
+        for name, value in result.headers:
+            headers.add(name, value)
+        if result.length is not None:
+            response.content_length = result.length
+        ok = False
+        try:
+            await response.prepare(request)
+            async for chunk in result.chunks():
+                await response.write(chunk)
+            await response.write_eof()
+            ok = True
+        except UpstreamError as exc:
+            # The head is already out: all that is left is to cut the client connection, so that
+            # it sees a truncated response rather than a complete-looking one.
+            log.warning("pool %s: member %s failed mid-response: %s",
+                        result.info.get("pool"), result.info.get("member"), exc)
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            result.finish(ok)
+        return response
+
+
+def read_config(path: Path) -> list[BalancerPool]:
+    """Every BalancerPool in ``path``; InvalidBalancerPool (or OSError) when it cannot be used."""
+    return parse_pools(path.read_text(encoding="utf-8"))
+
+
+class ProxyServer:
+    """Listeners plus a Forwarder, reconfigured from a file on SIGHUP or when it changes."""
+
+    def __init__(self, source: Path | None, listen: tuple[str, int] | None = None,
+                 pools: list[BalancerPool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.source = source
+        self.listen_override = listen
+        self.loop = asyncio.get_running_loop()
+        self.forwarder = Forwarder(self.loop, clock)
+        self.server = web.Server(FrontEnd(self.forwarder), access_log=None, auto_decompress=False,
+                                 keepalive_timeout=75.0, max_line_size=8190, max_field_size=8190)
+        self.listeners: dict[tuple[str, int], asyncio.Server] = {}
+        self.fingerprint = b""
+        self.generation = 0
+        self.initial = pools
+        self._watch: asyncio.Task[None] | None = None
+        self.on_reload: list[Callable[[bool, str], None]] = []
+
+    async def start(self) -> None:
+        pools = self.initial if self.initial is not None else self._load()
+        await self._apply(pools)
+        if self.source is not None:
+            self._watch = self.loop.create_task(self._watch_file())
+
+    def _load(self) -> list[BalancerPool]:
+        assert self.source is not None
+        data = self.source.read_bytes()
+        self.fingerprint = hashlib.sha256(data).digest()
+        return parse_pools(data.decode("utf-8"))
+
+    async def _apply(self, pools: list[BalancerPool]) -> None:
+        wanted = self._addresses(pools)
+        for address in wanted:
+            if address not in self.listeners:
+                self.listeners[address] = await self.loop.create_server(
+                    self.server, address[0], address[1], reuse_address=True, backlog=1024)
+                log.info("listening on http://%s:%d", *address)
+        for address in [a for a in self.listeners if a not in wanted]:
+            self.listeners.pop(address).close()
+        self.forwarder.apply(pools)
+        self.generation += 1
+        for pool in pools:
+            log.info("pool %s: %d members, lbmethod %s, routes %s", pool.name, len(pool.members),
+                     pool.lbmethod, ", ".join(r.path for r in pool.routes))
+
+    def _addresses(self, pools: list[BalancerPool]) -> list[tuple[str, int]]:
+        if self.listen_override is not None:
+            return [self.listen_override]
+        addresses = list(dict.fromkeys(p.listen for p in pools if p.listen is not None))
+        return addresses or [DEFAULT_LISTEN]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the proxy really listens (port 0 resolved)."""
+        out = []
+        for server in self.listeners.values():
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append((host, port))
+        return out
+
+    async def reload(self) -> bool:
+        """Re-read the file; on any problem keep the last good configuration and say why."""
+        if self.source is None:
+            return False
+        try:
+            pools = self._load()
+            await self._apply(pools)
+        except InvalidBalancerPool as exc:
+            message = f"{self.source}: invalid, keeping the last good configuration:\n{exc}"
+            log.error("%s", message)
+            self._notify(False, message)
+            return False
+        except (OSError, UnicodeDecodeError) as exc:
+            message = f"{self.source}: cannot be read ({exc}), keeping the last good configuration"
+            log.error("%s", message)
+            self._notify(False, message)
+            return False
+        log.info("%s: configuration reloaded (generation %d)", self.source, self.generation)
+        self._notify(True, f"{self.source}: reloaded")
+        return True
+
+    def _notify(self, ok: bool, message: str) -> None:
+        for callback in self.on_reload:
+            callback(ok, message)
+
+    async def _watch_file(self) -> None:
+        """Poll the file: inotify is not everywhere, and a ConfigMap swaps a symlink anyway."""
+        assert self.source is not None
+        last = self._stat()
+        while True:
+            await asyncio.sleep(1.0)
+            current = self._stat()
+            if current != last:
+                last = current
+                with contextlib.suppress(OSError):
+                    if hashlib.sha256(self.source.read_bytes()).digest() == self.fingerprint:
+                        continue
+                await self.reload()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        assert self.source is not None
+        try:
+            st = os.stat(self.source)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        for server in self.listeners.values():
+            server.close()
+        await self.server.shutdown(5.0)
+        for server in self.listeners.values():
+            await server.wait_closed()
+        self.listeners.clear()
+        await self.forwarder.close()
+
+
+async def run_until_signalled(server: ProxyServer) -> None:
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the file."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload()))
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed: the proxy sits on every request, so the faster loop is the default."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop

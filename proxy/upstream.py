@@ -1,0 +1,435 @@
+"""The upstream side: one HTTP/1.1 connection protocol over httptools, and one pool per member.
+
+Not aiohttp's client: its ``ClientSession`` silently re-sends a request once, even a POST, on a
+dropped pooled connection (aio-libs/aiohttp#10790), and its connector cannot close one host's
+connections on its own. Here every retry decision belongs to the caller, who knows whether the
+request went out, and each member's idle connections can be flushed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from .model import MemberSpec
+
+#: Response bytes buffered before the backend socket stops being read (backpressure).
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+#: Transport write buffer size above which the request body writer waits.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class UpstreamError(Exception):
+    """A failure talking to a member. ``sent`` tells whether any request byte left the proxy."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+class ConnectFailed(UpstreamError):
+    kind = "connect"
+
+
+class PoolExhausted(UpstreamError):
+    kind = "acquire"
+
+
+class UpstreamClosed(UpstreamError):
+    kind = "closed"
+
+
+class UpstreamTimeout(UpstreamError):
+    kind = "timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    kind = "protocol"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to a member, serving one request at a time."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        #: True while this connection holds one of the pool's ``open`` slots.
+        self.counted = True
+        self.reused = False
+        self.idle_since = 0.0
+        self.requests = 0
+        # Current exchange.
+        self.head_only = False
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received_any = False
+        self.error: UpstreamError | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.reading_paused = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.pool.member.pool.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        if self.head_done and self.head_only:
+            self._fail(UpstreamProtocolError("backend sent data after a bodiless response"))
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"malformed response from backend: {exc}"))
+            return
+        if self.head_done and self.head_only and not self.complete:
+            # httptools cannot be told that a HEAD response has no body: end it here.
+            self._message_done(keep_alive=self.parser.should_keep_alive())
+
+    def eof_received(self) -> bool:
+        if self.head_done and not self.complete:
+            with contextlib.suppress(httptools.HttpParserError):
+                self.parser.feed_data(b"")  # ends a read-until-close body
+        if not self.complete:
+            self._fail(UpstreamClosed(
+                "backend closed the connection before the response ended" if self.head_done
+                else "backend closed the connection before responding"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.complete and self.error is None:
+            self._fail(UpstreamClosed(f"connection to backend lost: {exc or 'closed'}"))
+        self._wake_drain()
+        self.pool.drop(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain()
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
+            self.headers = []
+            self.reason = b""
+            return
+        self.status = status
+        self.head_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self._message_done(keep_alive=self.parser.should_keep_alive())
+
+    # --- the exchange, for the caller -------------------------------------------------------
+
+    def begin(self, head: bytes, head_only: bool) -> None:
+        """Send a request head; ``head_only`` says the response carries no body (HEAD)."""
+        self.requests += 1
+        self.head_only = head_only
+        self.status = 0
+        self.reason = b""
+        self.headers = []
+        self.head_done = False
+        self.complete = False
+        self.keep_alive = False
+        self.received_any = False
+        self.error = None
+        self.chunks.clear()
+        self.buffered = 0
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise UpstreamClosed("pooled connection was already closed", sent=False)
+        self.transport.write(head)
+
+    async def write(self, data: bytes, timeout: float) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.closed or self.transport is None:
+            raise UpstreamClosed("backend closed the connection while the request was sent")
+        self.transport.write(data)
+        if self.write_paused:
+            fut = self.drain_waiter = self.loop.create_future()
+            await self._wait(fut, timeout, "sending the request body")
+            if self.closed:
+                raise UpstreamClosed("backend closed the connection while the request was sent")
+
+    async def read_head(self, timeout: float) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        while not self.head_done:
+            if self.error is not None:
+                raise self.error
+            await self._wait_data(timeout, "waiting for the response head")
+        return self.status, self.reason, self.headers
+
+    async def read_body(self, timeout: float) -> bytes:
+        """The next decoded body chunk, b"" at the end."""
+        while True:
+            if self.chunks:
+                chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self._take_all())
+                self.buffered -= len(chunk)
+                if self.reading_paused and self.buffered < LOW_WATER and self.transport is not None:
+                    self.reading_paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            await self._wait_data(timeout, "reading the response body")
+
+    def _take_all(self) -> list[bytes]:
+        chunks = list(self.chunks)
+        self.chunks.clear()
+        return chunks
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _message_done(self, keep_alive: bool) -> None:
+        self.complete = True
+        self.keep_alive = keep_alive
+        if self.head_only:
+            self.parser = httptools.HttpResponseParser(self)
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.error is None:
+            self.error = error
+        self._wake()
+        if not self.closed:
+            self.abort()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drain(self) -> None:
+        waiter = self.drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_data(self, timeout: float, doing: str) -> None:
+        fut = self.waiter = self.loop.create_future()
+        try:
+            await self._wait(fut, timeout, doing)
+        finally:
+            self.waiter = None
+
+    async def _wait(self, fut: asyncio.Future[None], timeout: float, doing: str) -> None:
+        handle = self.loop.call_later(timeout, _expire, fut) if timeout > 0 else None
+        try:
+            await fut
+        finally:
+            if handle is not None:
+                handle.cancel()
+        if fut.result() is _TIMED_OUT:
+            raise UpstreamTimeout(f"backend did not answer within {timeout:g}s while {doing}")
+
+
+_TIMED_OUT: Any = object()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(_TIMED_OUT)
+
+
+class ConnectionPool:
+    """httpd's per-worker connection pool: ``min``, ``max``, ``smax`` + ``ttl``, ``acquire``,
+    ``keepalive`` and ``disablereuse``. One per member, so one member can be flushed alone."""
+
+    def __init__(self, member: MemberSpec, loop: asyncio.AbstractEventLoop,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.member = member
+        self.loop = loop
+        self.clock = clock
+        spec = member.pool
+        self.max = spec.max
+        self.smax = spec.smax if spec.smax is not None else spec.max
+        self.idle: deque[UpstreamConnection] = deque()
+        self.open = 0
+        self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self.closing = False
+        self.opened_total = 0
+
+    @property
+    def busy(self) -> int:
+        return self.open - len(self.idle)
+
+    async def acquire(self) -> UpstreamConnection:
+        """A connection to the member: an idle one (most recent first) or a new one."""
+        acquire = self.member.pool.acquire
+        deadline = None if acquire is None else self.loop.time() + acquire
+        while True:
+            while self.idle:
+                conn = self.idle.pop()
+                if not conn.closed:
+                    conn.reused = True
+                    return conn
+            if self.max is None or self.open < self.max:
+                return await self._connect()
+            # At `max`: wait for a connection handed back, or a slot freed (None).
+            fut: asyncio.Future[UpstreamConnection | None] = self.loop.create_future()
+            self.waiters.append(fut)
+            try:
+                left = None if deadline is None else max(0.0, deadline - self.loop.time())
+                handed = await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                raise PoolExhausted(
+                    f"no connection to {self.member.name} came free within {acquire:g}s "
+                    f"(max {self.max})", sent=False) from None
+            finally:
+                if fut in self.waiters:
+                    self.waiters.remove(fut)
+            if handed is not None:
+                handed.reused = True
+                return handed
+
+    async def _connect(self) -> UpstreamConnection:
+        self.open += 1
+        member = self.member
+        try:
+            _, proto = await asyncio.wait_for(
+                self.loop.create_connection(lambda: UpstreamConnection(self), member.host, member.port),
+                member.connectiontimeout or None)
+        except TimeoutError:
+            self._slot_freed()
+            raise ConnectFailed(
+                f"connect to {member.authority} timed out after {member.connectiontimeout:g}s",
+                sent=False) from None
+        except OSError as exc:
+            self._slot_freed()
+            raise ConnectFailed(f"connect to {member.authority} failed: {exc.strerror or exc}",
+                                sent=False) from None
+        except BaseException:
+            self._slot_freed()
+            raise
+        self.opened_total += 1
+        return proto
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Give a connection back after an exchange; it is closed unless ``reusable``."""
+        if (conn.closed or not reusable or self.closing or self.member.pool.disablereuse
+                or not conn.complete or not conn.keep_alive or conn.reading_paused):
+            conn.close()
+            self.drop(conn)
+            return
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        conn.idle_since = self.clock()
+        self.idle.append(conn)
+
+    def drop(self, conn: UpstreamConnection) -> None:
+        """Forget a closed connection and free its slot; safe to call more than once."""
+        if not conn.counted:
+            return
+        conn.counted = False
+        with contextlib.suppress(ValueError):
+            self.idle.remove(conn)
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self.open -= 1
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def close_idle(self) -> int:
+        """Close every idle connection now (a flush); returns how many were closed."""
+        count = 0
+        while self.idle:
+            conn = self.idle.pop()
+            conn.close()
+            self.drop(conn)
+            count += 1
+        return count
+
+    def close(self) -> None:
+        """Stop pooling: idle connections close now, busy ones when their exchange ends."""
+        self.closing = True
+        self.close_idle()
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
+    async def maintain(self, now: float) -> None:
+        """Retire idle connections past ``ttl`` (above ``smax``) and pre-open up to ``min``."""
+        spec = self.member.pool
+        if spec.ttl is not None:
+            floor = max(spec.min, self.smax or 0)
+            # Oldest idle connections sit at the left of the deque.
+            while self.idle and self.open > floor and now - self.idle[0].idle_since >= spec.ttl:
+                conn = self.idle[0]
+                conn.close()
+                self.drop(conn)
+        while not self.closing and self.open < spec.min and (self.max is None or self.open < self.max):
+            try:
+                conn = await self._connect()
+            except UpstreamError:
+                return
+            conn.idle_since = self.clock()
+            self.idle.appendleft(conn)

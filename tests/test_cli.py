@@ -1,0 +1,156 @@
+"""The ``balancerpool`` command as a user runs it: real processes, signals and files."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import Backends, free_port, pool_doc
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def wait_until(predicate: object, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+class Output:
+    """Collects a process's stderr without blocking, to look for log lines."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.text = ""
+
+    def read(self) -> str:
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self.text += chunk.decode()
+        return self.text
+
+
+@pytest.fixture
+def run() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def balancerpool(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "balancerpool.proxy", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_proxy_reloads_on_change_and_keeps_last_good(
+        tmp_path: Path, backends: Backends, run: list[subprocess.Popen[bytes]]) -> None:
+    a, b = backends.start("a"), backends.start("b")
+    port = free_port()
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(pool_doc([{"url": a.url, "name": "a"}], listen="127.0.0.1:1")))
+    proc = balancerpool("proxy", str(path), "--listen", f"127.0.0.1:{port}")
+    run.append(proc)
+    out = Output(proc)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: fetch(url) == (200, "a\n"))  # --listen overrides spec.listen
+
+    # A change of the file is picked up by itself.
+    path.write_text(yaml.safe_dump(pool_doc([{"url": b.url, "name": "b"}])))
+    wait_until(lambda: fetch(url) == (200, "b\n"))
+
+    # An invalid file is refused with its errors, and the last good configuration keeps serving.
+    path.write_text(yaml.safe_dump(pool_doc([{"url": a.url, "name": "a", "loadfactor": 250}])))
+    wait_until(lambda: "keeping the last good configuration" in out.read())
+    assert "spec.members[0].loadfactor: must be 1..100, got 250" in out.read()
+    assert {fetch(url) for _ in range(4)} == {(200, "b\n")}
+
+    # SIGHUP reloads too (here after a change made while the file watcher could miss it).
+    path.write_text(yaml.safe_dump(pool_doc([{"url": a.url, "name": "a"}])))
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: fetch(url) == (200, "a\n"))
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+
+
+def test_proxy_refuses_to_start_on_an_invalid_file(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "balancerpool.proxy", "proxy", str(EXAMPLES / "invalid-pool.yaml")],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "spec.members[2].loadfactor: must be 1..100, got 250" in result.stderr
+
+
+def test_check_lists_every_problem() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "balancerpool.proxy", "check", str(EXAMPLES / "invalid-pool.yaml")],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    lines = [line.strip() for line in result.stderr.splitlines()[1:]]
+    assert lines == [
+        "metadata.name: must be a DNS label (lower-case letters, digits, '-'), got 'Broken_Name'",
+        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'roundrobin'",
+        "spec.routes[0].path: must be an absolute path like /app without query or spaces, got 'app'",
+        "spec.members[1].url: must be an http:// URL such as http://10.0.0.5:8080, "
+        "got 'ftp://127.0.0.1:9002'",
+        "spec.members[2].loadfactor: must be 1..100, got 250",
+        "spec.members[2].status: unknown status flag 'X': flags are D S I H R E N C",
+        "spec.members[2].retry: must be a duration like 5s, 200ms or 1m, got 'soon'",
+        "spec.members[2].pool.min: must not exceed max (2), got 5",
+        "spec.members[2].colour: unknown field",
+        "spec.members[1].route: 'a' repeats members[0]",
+        "spec.members[2].redirect: names no member's route: 'z'",
+        "spec.maxattempts: must be 0..100, got -1",
+    ]
+    ok = subprocess.run(
+        [sys.executable, "-m", "balancerpool.proxy", "check", str(EXAMPLES / "demo-pool.yaml")],
+        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0 and "ok: demo (3 members)" in ok.stdout
+
+
+def test_demo_serves_and_stops_on_ctrl_c(run: list[subprocess.Popen[bytes]]) -> None:
+    port = free_port()
+    proc = balancerpool("demo", "--listen", f"127.0.0.1:{port}")
+    run.append(proc)
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: fetch(url)[0] == 200)
+    bodies = [fetch(url)[1].splitlines()[0] for _ in range(6)]
+    # alpha has loadfactor 1, beta 2; gamma is a hot standby and gets nothing.
+    assert sorted(bodies) == ["demo backend alpha (route a)"] * 2 + ["demo backend beta (route b)"] * 4
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert f"proxy on http://127.0.0.1:{port}/" in stdout.decode()
+    assert "demo stopped" in stdout.decode()
