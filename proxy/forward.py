@@ -30,7 +30,7 @@ log = logging.getLogger("balancerpool.proxy")
 
 #: Methods that RFC 9110 §9.2.2 calls idempotent: safe to re-send when no response came back.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-REQUEST_DROP = OWN_REQUEST_FIELDS | {"x-forwarded-for"}
+REQUEST_DROP = OWN_REQUEST_FIELDS | {"x-forwarded-for", "x-forwarded-host"}
 _REASONS = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
@@ -40,7 +40,8 @@ class Pool:
     def __init__(self, spec: BalancerPool, loop: asyncio.AbstractEventLoop,
                  clock: Callable[[], float], previous: Pool | None = None) -> None:
         self.spec = spec
-        self.state: PoolState = PoolState(spec, previous.state if previous is not None else None)
+        self.state: PoolState = PoolState(spec, previous.state if previous is not None else None,
+                                          clock())
         self.connections: dict[str, ConnectionPool] = {}
         old = previous.connections if previous is not None else {}
         for member in spec.members:
@@ -54,14 +55,20 @@ class Pool:
                 pool.close()
         # ProxyPassReverse matches the members' URLs, as httpd does for balancer:// targets.
         self.reverse_bases = {
-            route.path: tuple(f"http://{m.authority}{m.base_path}{route.backend_path.rstrip('/')}"
-                              for m in spec.members)
+            route.path: tuple(f"http://{authority}{m.base_path}{route.backend_path.rstrip('/')}"
+                              for m in spec.members for authority in _authorities(m.host, m.port))
             for route in spec.routes
         }
 
     def close(self) -> None:
         for pool in self.connections.values():
             pool.close()
+
+
+def _authorities(host: str, port: int) -> tuple[str, ...]:
+    """How a backend may spell itself in a redirect: the default port may be left out."""
+    name = f"[{host}]" if ":" in host else host
+    return (f"{name}:{port}", name) if port == 80 else (f"{name}:{port}",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,8 +212,11 @@ class Forwarder:
                 # request may be re-sent on a fresh connection if nothing was lost doing so.
                 if not exc.sent or (isinstance(exc, UpstreamClosed) and conn.reused
                                     and not conn.received_any and not body_started and idempotent):
-                    log.info("pool %s: member %s closed a reused connection; re-sending on a new one",
-                             spec.name, member.name)
+                    # Idle connections at least as old as this one are as likely dead: flush them,
+                    # so that the request goes out on a fresh connection.
+                    flushed = conns.close_idle()
+                    log.info("pool %s: member %s closed a reused connection; re-sending "
+                             "(%d idle connections flushed)", spec.name, member.name, flushed)
                     continue
                 failures.append(f"{member.name}: {exc}")
                 if isinstance(exc, UpstreamTimeout):
@@ -241,7 +251,7 @@ class Forwarder:
         lines = [f"{n}: {v}" for n, v in end_to_end(head.headers, REQUEST_DROP)]
         lines.append(f"X-Forwarded-For: {forwarded_for(head.headers, head.client)}")
         if head.host:
-            lines.append(f"X-Forwarded-Host: {head.host}")
+            lines.append(f"X-Forwarded-Host: {forwarded_for(head.headers, head.host, 'x-forwarded-host')}")
         lines.append(f"X-Forwarded-Proto: {head.scheme}")
         if body.length is None:
             lines.append("Transfer-Encoding: chunked")

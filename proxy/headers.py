@@ -55,7 +55,8 @@ def reverse_location(value: str, backend_urls: Iterable[str], backend_prefix: st
     return value
 
 
-def forwarded_for(headers: Iterable[tuple[str, str]], client: str) -> str:
-    """``X-Forwarded-For`` with this client appended, as httpd does."""
-    previous = [v for n, v in headers if n.lower() == "x-forwarded-for"]
-    return ", ".join([*previous, client])
+def forwarded_for(headers: Iterable[tuple[str, str]], value: str, field: str = "x-forwarded-for"
+                  ) -> str:
+    """An ``X-Forwarded-*`` list with this hop's value appended, as httpd does."""
+    previous = [v for n, v in headers if n.lower() == field]
+    return ", ".join([*previous, value])

@@ -391,6 +391,15 @@ def parse_pools(text: str) -> list[BalancerPool]:
         errors.extend(FieldError(e.path, e.reason, label) for e in doc_errors)
         if pool is not None and not doc_errors:
             pools.append(pool)
+    seen: dict[tuple[str, tuple[str, ...]], str] = {}
+    for pool in pools:
+        for i, r in enumerate(pool.routes):
+            key = (r.path.rstrip("/") or "/", r.hosts)
+            if key in seen and seen[key] != pool.name:
+                errors.append(FieldError(f"spec.routes[{i}].path",
+                                         f"{r.path!r} is already served by BalancerPool {seen[key]!r}",
+                                         pool.name))
+            seen.setdefault(key, pool.name)
     names = [(p.namespace, p.name) for p in pools]
     for dup in sorted({n for n in names if names.count(n) > 1}, key=str):
         errors.append(FieldError("metadata.name", f"BalancerPool {dup[1]!r} is defined twice"))
@@ -442,7 +451,7 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None) -> BalancerPool
         spec.error("routes", "needs at least one route (path prefix) to serve")
     seen_routes: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, r in enumerate(routes):
-        key = (r.path, r.hosts)
+        key = (r.path.rstrip("/") or "/", r.hosts)
         if key in seen_routes:
             spec.error(f"routes[{i}].path", f"{r.path!r} repeats routes[{seen_routes[key]}]")
         seen_routes.setdefault(key, i)
@@ -453,7 +462,7 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None) -> BalancerPool
         # Check the defaults on their own once, so a problem is reported at its own path.
         _parse_member_fields(defaults_reader, is_default=True)
         defaults_reader.finish()
-    base = dict(defaults_reader.data)
+    base = {k: v for k, v in defaults_reader.data.items() if k not in _PER_MEMBER}
 
     def member(data: object, path: str, errs: list[FieldError]) -> MemberSpec:
         merged = {**base, **data} if isinstance(data, Mapping) else data
@@ -547,6 +556,9 @@ def _hosts(value: Any) -> tuple[str, ...]:
     return tuple(sorted(h.lower() for h in value))
 
 
+_PER_MEMBER = ("url", "name", "route", "redirect")
+
+
 def _parse_member_fields(m: _Reader, is_default: bool = False) -> dict[str, Any]:
     timeout = m.get("timeout", parse_duration, 60.0)
     fields: dict[str, Any] = {
@@ -562,8 +574,8 @@ def _parse_member_fields(m: _Reader, is_default: bool = False) -> dict[str, Any]
         fields["route"] = m.get("route", _route, None)
         fields["redirect"] = m.get("redirect", _route, None)
     else:
-        for key in ("route", "redirect", "url", "name"):
-            if m.has(key):
+        for key in _PER_MEMBER:
+            if m.raw(key) is not None:
                 m.error(key, "is per member; it cannot be a default")
     return fields
 

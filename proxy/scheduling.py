@@ -37,7 +37,7 @@ class MemberState:
     __slots__ = ("busy", "elected", "error_time", "errors", "flags", "index", "lbfactor", "lbset",
                  "lbstatus", "name", "read", "retries", "route", "spec", "transferred")
 
-    def __init__(self, spec: MemberSpec, index: int) -> None:
+    def __init__(self, spec: MemberSpec, index: int, now: float) -> None:
         self.spec = spec
         self.index = index
         self.name = spec.name
@@ -53,7 +53,8 @@ class MemberState:
         self.read = 0
         self.errors = 0
         self.retries = 0
-        self.error_time = 0.0 if not self.flags & E else float("-inf")
+        # A member configured in E starts its `retry` wait now.
+        self.error_time = now
 
     @property
     def usable(self) -> bool:
@@ -93,10 +94,10 @@ class PoolState:
 
     __slots__ = ("by_name", "by_route", "lbmethod", "members", "spec", "tiers")
 
-    def __init__(self, spec: BalancerPool, previous: PoolState | None = None) -> None:
+    def __init__(self, spec: BalancerPool, previous: PoolState | None = None, now: float = 0.0) -> None:
         self.spec = spec
         self.lbmethod = spec.lbmethod
-        self.members = [MemberState(m, i) for i, m in enumerate(spec.members)]
+        self.members = [MemberState(m, i, now) for i, m in enumerate(spec.members)]
         self.by_name = {m.name: m for m in self.members}
         self.by_route = {m.route: m for m in self.members if m.route is not None}
         sets = sorted({m.lbset for m in self.members})

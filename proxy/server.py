@@ -166,7 +166,6 @@ class ProxyServer:
             return False
         try:
             pools = self._load()
-            await self._apply(pools)
         except InvalidBalancerPool as exc:
             message = f"{self.source}: invalid, keeping the last good configuration:\n{exc}"
             log.error("%s", message)
@@ -174,6 +173,13 @@ class ProxyServer:
             return False
         except (OSError, UnicodeDecodeError) as exc:
             message = f"{self.source}: cannot be read ({exc}), keeping the last good configuration"
+            log.error("%s", message)
+            self._notify(False, message)
+            return False
+        try:
+            await self._apply(pools)
+        except OSError as exc:
+            message = f"{self.source}: cannot listen as configured ({exc}); routes kept as before"
             log.error("%s", message)
             self._notify(False, message)
             return False

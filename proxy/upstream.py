@@ -92,6 +92,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -316,7 +317,10 @@ class ConnectionPool:
 
     async def acquire(self) -> UpstreamConnection:
         """A connection to the member: an idle one (most recent first) or a new one."""
+        # Without `acquire`, wait at most the member's I/O timeout rather than forever.
         acquire = self.member.pool.acquire
+        if acquire is None:
+            acquire = self.member.timeout or None
         deadline = None if acquire is None else self.loop.time() + acquire
         while True:
             while self.idle:

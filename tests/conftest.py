@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-
 from balancerpool.proxy.model import parse_pools
 from balancerpool.proxy.server import ProxyServer
 

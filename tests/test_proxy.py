@@ -170,7 +170,7 @@ async def test_preserve_host_and_path_mapping(backends: Backends, start_proxy: A
         [{"url": a.url, "name": "a"}],
         routes=[{"path": "/front", "backendPath": "/app", "preserveHost": True},
                 {"path": "/other"}]))
-    status, text, _ = await get(client, proxy.url + "/front/headers?x=1",
+    _, text, _ = await get(client, proxy.url + "/front/headers?x=1",
                                 headers={"Host": "shop.example"})
     body = json.loads(text)
     assert body["path"] == "/app/headers?x=1"
