@@ -81,6 +81,10 @@ class FrontEnd:
                 await response.write(chunk)
             await response.write_eof()
             ok = True
+        except ConnectionResetError:
+            # The client went away (aiohttp's ClientConnectionResetError is a subclass): the
+            # upstream connection is closed by finish(False), nothing else to do.
+            log.debug("client %s went away during the response", head.client)
         except UpstreamError as exc:
             # The head is already out: all that is left is to cut the client connection, so that
             # it sees a truncated response rather than a complete-looking one.
