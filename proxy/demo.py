@@ -76,10 +76,10 @@ def _instructions(pools: list[BalancerPool], addresses: list[tuple[str, int]]) -
     lines += [
         "",
         "Try:",
-        f"  for i in 1 2 3 4 5 6; do curl -s {url}/ | head -1; done     # weighted round robin",
-        f"  curl -si {url}/ | grep -i set-cookie                        # a Tomcat-style JSESSIONID",
-        f"  curl -s -b 'JSESSIONID=abc.b' {url}/                          # a session on route b",
-        f"  curl -s '{url}/cart;jsessionid=abc.a'                         # the route in the path",
+        f"  for i in 1 2 3 4 5 6; do curl -s {url}/ | head -1; done   # weighted: beta twice as often",
+        f"  curl -si {url}/ | grep -i set-cookie                      # a Tomcat-style JSESSIONID",
+        "  then stop a backend's process or port and watch requests fail over; gamma is a hot",
+        "  standby that serves only when alpha and beta are both unusable.",
         "",
         "Press Ctrl-C to stop.",
     ]
