@@ -78,8 +78,8 @@ def _instructions(pools: list[BalancerPool], addresses: list[tuple[str, int]]) -
         "Try:",
         f"  for i in 1 2 3 4 5 6; do curl -s {url}/ | head -1; done   # weighted: beta twice as often",
         f"  curl -si {url}/ | grep -i set-cookie                      # a Tomcat-style JSESSIONID",
-        "  then stop a backend's process or port and watch requests fail over; gamma is a hot",
-        "  standby that serves only when alpha and beta are both unusable.",
+        "  balancerpool check examples/invalid-pool.yaml              # every error, with its field",
+        "gamma is a hot standby: it serves only when alpha and beta are both unusable.",
         "",
         "Press Ctrl-C to stop.",
     ]
