@@ -139,6 +139,8 @@ class BalancerPool:
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+#: A year: longer is a typo, and keeps timer arithmetic finite.
+MAX_DURATION = 365 * 24 * 3600.0
 
 
 def parse_duration(value: object) -> float:
@@ -146,10 +148,13 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"must be a duration like 5s, 200ms or 1m, got {value!r}")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value < 0:
+        number = _finite(value)
+        if number is None or number < 0:
             raise ValueError(f"must be a non-negative duration, got {value!r}")
-        return float(value)
-    if not isinstance(value, str) or not value:
+        if number > MAX_DURATION:
+            raise ValueError(f"must be at most {MAX_DURATION:g} seconds, got {value!r}")
+        return number
+    if not isinstance(value, str) or not value.strip():
         raise ValueError(f"must be a duration like 5s, 200ms or 1m, got {value!r}")
     text = value.strip()
     pos, total = 0, 0.0
@@ -159,7 +164,18 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"must be a duration like 5s, 200ms or 1m, got {value!r}")
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
         pos = m.end()
+    if not total <= MAX_DURATION:
+        raise ValueError(f"must be at most {MAX_DURATION:g} seconds, got {value!r}")
     return total
+
+
+def _finite(value: int | float) -> float | None:
+    """The number as a float, or None when it is not finite (or too large to be a float)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,16 +191,19 @@ class _Reader:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
-            self.error("", f"must be a mapping, got {_kind(data)}")
+            self.error(None, f"must be a mapping, got {_kind(data)}")
             data = {}
         self.data: Mapping[str, Any] = data
         self.seen: set[str] = set()
 
     def sub(self, key: str) -> str:
+        key = key if key != "" else '""'
         return f"{self.path}.{key}" if self.path else key
 
-    def error(self, key: str, reason: str) -> None:
-        self.errors.append(FieldError(self.sub(key) if key else self.path, reason))
+    def error(self, key: str | None, reason: str) -> None:
+        """``key`` None means the mapping itself."""
+        self.errors.append(FieldError(self.sub(key) if key is not None else self.path or "(document)",
+                                      reason))
 
     def has(self, key: str) -> bool:
         return key in self.data and self.data[key] is not None
@@ -242,7 +261,7 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
 
 
 def _loadfactor(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or _finite(value) is None:
         raise ValueError(f"must be a number 1..100, got {value!r}")
     if not 1 <= value <= 100:
         raise ValueError(f"must be 1..100, got {value:g}")
@@ -351,6 +370,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[An
     result: dict[Any, Any] = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value, not a list or mapping",
+                key_node.start_mark) from None
         if key in result:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -374,35 +399,45 @@ def load_documents(text: str) -> list[Any]:
         raise InvalidBalancerPool([FieldError(where or "(file)", f"not valid YAML: {reason}")]) from None
 
 
+def _document_label(index: int, doc: object) -> str:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return f"documents[{index}]" + (f" (BalancerPool {name})" if isinstance(name, str) else "")
+
+
 def parse_pools(text: str) -> list[BalancerPool]:
     """Every BalancerPool in a file, or InvalidBalancerPool listing every problem in it."""
     documents = load_documents(text)
     if not documents:
         raise InvalidBalancerPool([FieldError("(file)", "holds no BalancerPool")])
     pools: list[BalancerPool] = []
+    labels: list[str] = []
     errors: list[FieldError] = []
     for index, doc in enumerate(documents):
         label = ""
         if len(documents) > 1:
-            name = doc.get("metadata", {}).get("name") if isinstance(doc, dict) else None
-            label = f"documents[{index}]" + (f" (BalancerPool {name})" if isinstance(name, str) else "")
+            label = _document_label(index, doc)
         doc_errors: list[FieldError] = []
         pool = parse_pool(doc, doc_errors)
         errors.extend(FieldError(e.path, e.reason, label) for e in doc_errors)
         if pool is not None and not doc_errors:
             pools.append(pool)
-    seen: dict[tuple[str, tuple[str, ...]], str] = {}
-    for pool in pools:
+            labels.append(label)
+    served: dict[tuple[str, tuple[str, ...]], str] = {}
+    defined: set[tuple[str | None, str]] = set()
+    for pool, label in zip(pools, labels, strict=True):
+        if (pool.namespace, pool.name) in defined:
+            errors.append(FieldError("metadata.name", f"BalancerPool {pool.name!r} is defined twice",
+                                     label))
+            continue
+        defined.add((pool.namespace, pool.name))
         for i, r in enumerate(pool.routes):
             key = (r.path.rstrip("/") or "/", r.hosts)
-            if key in seen and seen[key] != pool.name:
-                errors.append(FieldError(f"spec.routes[{i}].path",
-                                         f"{r.path!r} is already served by BalancerPool {seen[key]!r}",
-                                         pool.name))
-            seen.setdefault(key, pool.name)
-    names = [(p.namespace, p.name) for p in pools]
-    for dup in sorted({n for n in names if names.count(n) > 1}, key=str):
-        errors.append(FieldError("metadata.name", f"BalancerPool {dup[1]!r} is defined twice"))
+            if key in served and served[key] != pool.name:
+                errors.append(FieldError(
+                    f"spec.routes[{i}].path",
+                    f"{r.path!r} is already served by BalancerPool {served[key]!r}", label))
+            served.setdefault(key, pool.name)
     if errors:
         raise InvalidBalancerPool(errors)
     return pools
@@ -424,7 +459,7 @@ def parse_pool(doc: object, errors: list[FieldError]) -> BalancerPool | None:
         top.error("kind", f"must be {KIND}, got {kind!r}")
     meta = _Reader(top.raw("metadata"), "metadata", errors)
     name = meta.get("name", _string, "")
-    if not _NAME_RE.match(name):
+    if isinstance(meta.data.get("name", ""), str) and not _NAME_RE.match(name):
         meta.error("name", f"must be a DNS label (lower-case letters, digits, '-'), got {name!r}")
     namespace = meta.get("namespace", _string, None) if meta.has("namespace") else None
     for key in ("labels", "annotations", "uid", "resourceVersion", "generation", "creationTimestamp",
@@ -434,23 +469,26 @@ def parse_pool(doc: object, errors: list[FieldError]) -> BalancerPool | None:
     top.raw("status")  # written by the operator; ignored on input
     if not top.has("spec"):
         top.error("spec", "is required")
+    has_spec = top.has("spec")
     spec = _Reader(top.raw("spec"), "spec", errors)
     top.finish()
-    pool = _parse_spec(spec, name, namespace)
+    pool = _parse_spec(spec, name, namespace, has_spec)
     spec.finish()
     return pool
 
 
-def _parse_spec(spec: _Reader, name: str, namespace: str | None) -> BalancerPool:
+def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool) -> BalancerPool:
     errors = spec.errors
     listen = spec.get("listen", _listen, None)
     lbmethod = spec.get("lbmethod", _enum(LBMethod), LBMethod.BYREQUESTS)
 
     routes = tuple(_parse_list(spec, "routes", _parse_route))
-    if not routes and not any(e.path.startswith("spec.routes") for e in errors):
+    if has_spec and not routes and not any(e.path.startswith("spec.routes") for e in errors):
         spec.error("routes", "needs at least one route (path prefix) to serve")
     seen_routes: dict[tuple[str, tuple[str, ...]], int] = {}
     for i, r in enumerate(routes):
+        if not r.path:
+            continue
         key = (r.path.rstrip("/") or "/", r.hosts)
         if key in seen_routes:
             spec.error(f"routes[{i}].path", f"{r.path!r} repeats routes[{seen_routes[key]}]")
@@ -536,7 +574,7 @@ def _parse_route(data: object, path: str, errors: list[FieldError]) -> RouteSpec
     r = _Reader(data, path, errors)
     if not r.has("path"):
         r.error("path", "is required")
-    route_path = r.get("path", _path, "/")
+    route_path = r.get("path", _path, "")  # "" only when invalid (already reported)
     backend_path = r.get("backendPath", _path, route_path)
     hosts = r.get("hosts", _hosts, ())
     route = RouteSpec(
@@ -601,10 +639,13 @@ def _member_url(url: str) -> tuple[str, int, str]:
     if parts.scheme != "http":
         raise ValueError(f"must be an http:// URL such as http://10.0.0.5:8080, got {url!r}")
     try:
-        port = parts.port or 80
+        port = parts.port if parts.port is not None else 80
     except ValueError:
-        raise ValueError(f"has an invalid port: {url!r}") from None
-    if not parts.hostname or parts.query or parts.fragment or parts.username:
+        port = 0
+    if port == 0:
+        raise ValueError(f"has an invalid port: {url!r}")
+    if (not parts.hostname or parts.query or parts.fragment or parts.username is not None
+            or parts.password is not None):
         raise ValueError(f"must be http://HOST[:PORT][/path] without query or credentials, got {url!r}")
     return parts.hostname, port, parts.path.rstrip("/")
 
@@ -637,7 +678,7 @@ def _check_members(spec: _Reader, members: list[MemberSpec]) -> None:
     names: dict[str, int] = {}
     routes: dict[str, int] = {}
     for i, member in enumerate(members):
-        if member.name in names:
+        if member.name and member.name in names:
             spec.error(f"members[{i}].name", f"{member.name!r} repeats members[{names[member.name]}]")
         names.setdefault(member.name, i)
         if member.route is not None:
