@@ -247,7 +247,7 @@ async def test_connection_pool_max_and_acquire(backends: Backends, start_proxy: 
     proxy = await start_proxy(pool_doc(
         [{"url": a.url, "name": "a", "pool": {"max": 1, "acquire": "200ms"}}], maxattempts=0))
     slow = asyncio.create_task(get(client, proxy.url + "/slow?s=1"))
-    await asyncio.sleep(0.2)  # let the slow request take the only connection
+    await wait_for(lambda: proxy.connections("a").busy == 1)  # it holds the only connection
     status, text, _ = await get(client, proxy.url + "/")
     assert status == 503 and "no connection to a came free within 0.2s (max 1)" in text
     assert (await slow)[0] == 200
