@@ -32,6 +32,29 @@ class LBMethod(enum.StrEnum):
     BYREQUESTS = "byrequests"
     BYTRAFFIC = "bytraffic"
     BYBUSYNESS = "bybusyness"
+    #: Least outstanding requests of two weighted random picks (power of two choices).
+    LEASTREQUEST = "leastrequest"
+    RANDOM = "random"
+    #: Consistent hashing of a request attribute (see ``spec.hash``).
+    HASH = "hash"
+
+
+class HashOn(enum.StrEnum):
+    HEADER = "header"
+    COOKIE = "cookie"
+    QUERY = "query"
+    CLIENT = "client"
+
+
+class HashAlgorithm(enum.StrEnum):
+    RINGHASH = "ringhash"
+    MAGLEV = "maglev"
+
+
+class SameSite(enum.StrEnum):
+    STRICT = "Strict"
+    LAX = "Lax"
+    NONE = "None"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +105,8 @@ class MemberSpec:
     timeout: float = 60.0
     connectiontimeout: float = 60.0
     pool: ConnectionPoolSpec = ConnectionPoolSpec()
+    #: Weight ramp after the member becomes usable again (HAProxy ``slowstart``); 0 = none.
+    slowstart: float = 0.0
 
     @property
     def authority(self) -> str:
@@ -107,7 +132,47 @@ class StickySession:
     @property
     def names(self) -> str:
         """The ``stickysession`` value as written, for ``BALANCER_SESSION_STICKY``."""
+        if self.cookie == self.param:
+            return self.cookie or ""
         return "|".join(n for n in (self.cookie, self.param) if n is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class CookieSpec:
+    """Attributes of a cookie the proxy sets."""
+
+    name: str
+    path: str = "/"
+    domain: str | None = None
+    http_only: bool = True
+    secure: bool = False
+    same_site: SameSite | None = SameSite.LAX
+    max_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCookieSpec:
+    """The signed sliding session cookie: route, issued-at and last-seen under an HMAC."""
+
+    cookie: CookieSpec
+    key_file: str
+    idle_timeout: float | None = None
+    absolute_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HashSpec:
+    on: HashOn
+    name: str | None = None
+    algorithm: HashAlgorithm = HashAlgorithm.RINGHASH
+
+
+@dataclass(frozen=True, slots=True)
+class BalancerVariables:
+    """Where httpd's six ``BALANCER_*`` variables go, besides the access log."""
+
+    request_headers: bool = False
+    response_headers: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +191,10 @@ class BalancerPool:
     stickysession: StickySession | None = None
     stickysessionsep: str | None = "."
     scolonpathdelim: bool = False
+    route_cookie: CookieSpec | None = None
+    session_cookie: SessionCookieSpec | None = None
+    hash: HashSpec | None = None
+    balancer_variables: BalancerVariables = BalancerVariables()
     members: tuple[MemberSpec, ...] = field(default=())
 
     @property
@@ -325,12 +394,58 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _sticky(value: Any) -> StickySession:
+    """httpd: ``NAME`` is both the cookie and the URL parameter; ``COOKIE|param`` names each."""
     text = _string(value)
-    cookie, _, param = text.partition("|")
+    cookie, bar, param = text.partition("|")
+    if not bar:
+        param = cookie
     names = [n for n in (cookie, param) if n]
     if not names or any(not _TOKEN_RE.match(n) for n in names) or param.count("|"):
         raise ValueError(f"must be COOKIE or COOKIE|param with token characters, got {text!r}")
     return StickySession(cookie=cookie or None, param=param or None)
+
+
+def _token(value: Any) -> str:
+    text = _string(value)
+    if not _TOKEN_RE.match(text) or len(text) > 128:
+        raise ValueError(f"must be 1..128 token characters (letters, digits, !#$%&'*+.^_`|~-), "
+                         f"got {text!r}")
+    return text
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN_RE = re.compile(rf"^\.?{_LABEL}(\.{_LABEL})*$")
+
+
+def _domain(value: Any) -> str:
+    text = _string(value)
+    if not _DOMAIN_RE.match(text) or len(text) > 253:
+        raise ValueError(f"must be a domain name such as example.com, got {text!r}")
+    return text
+
+
+def _samesite(value: Any) -> SameSite | None:
+    text = _string(value)
+    if text.lower() == "off":
+        return None
+    for option in SameSite:
+        if option.value.lower() == text.lower():
+            return option
+    raise ValueError(f"must be Strict, Lax, None or off, got {text!r}")
+
+
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+def _choice(cls: type[_E]) -> Callable[[Any], _E]:
+    def conv(value: Any) -> _E:
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise ValueError(f"must be one of {choices}, got {value!r}") from None
+
+    return conv
 
 
 def _sep(value: Any) -> str | None:
@@ -480,7 +595,7 @@ def parse_pool(doc: object, errors: list[FieldError]) -> BalancerPool | None:
 def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool) -> BalancerPool:
     errors = spec.errors
     listen = spec.get("listen", _listen, None)
-    lbmethod = spec.get("lbmethod", _enum(LBMethod), LBMethod.BYREQUESTS)
+    lbmethod = spec.get("lbmethod", _choice(LBMethod), LBMethod.BYREQUESTS)
 
     routes = tuple(_parse_list(spec, "routes", _parse_route))
     if has_spec and not routes and not any(e.path.startswith("spec.routes") for e in errors):
@@ -533,26 +648,107 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool)
         stickysession=spec.get("stickysession", _sticky, None),
         stickysessionsep=spec.get("stickysessionsep", _sep, "."),
         scolonpathdelim=spec.get("scolonpathdelim", _boolean, False),
+        route_cookie=_parse_cookie(spec, "routeCookie", "ROUTEID") if spec.has("routeCookie") else None,
+        session_cookie=_parse_session_cookie(spec) if spec.has("sessionCookie") else None,
+        hash=_parse_hash(spec) if spec.has("hash") else None,
+        balancer_variables=_parse_variables(spec),
         members=tuple(members),
     )
+    _check_sticky(spec, pool)
     return pool
+
+
+def _parse_cookie(parent: _Reader, key: str, default_name: str,
+                  extra: tuple[str, ...] = ()) -> CookieSpec:
+    """Reads a cookie's attributes; ``extra`` keys are the caller's to read afterwards."""
+    c = _Reader(parent.raw(key), parent.sub(key), parent.errors)
+    c.seen.update(extra)
+    name = c.get("name", _token, default_name)
+    cookie = CookieSpec(
+        name=name,
+        path=c.get("path", _path, "/"),
+        domain=c.get("domain", _domain, None),
+        http_only=c.get("httpOnly", _boolean, True),
+        secure=c.get("secure", _boolean, False),
+        same_site=c.get("sameSite", _samesite, SameSite.LAX),
+        max_age=c.get("maxAge", parse_duration, None),
+    )
+    if cookie.same_site is SameSite.NONE and not cookie.secure:
+        c.error("sameSite", "None needs secure: true (browsers drop the cookie otherwise)")
+    c.finish()
+    return cookie
+
+
+def _parse_session_cookie(spec: _Reader) -> SessionCookieSpec:
+    keys = ("keyFile", "idleTimeout", "absoluteTimeout")
+    cookie = _parse_cookie(spec, "sessionCookie", "BPSESSION", keys)
+    c = _Reader(spec.raw("sessionCookie"), spec.sub("sessionCookie"), spec.errors)
+    c.seen.update(("name", "path", "domain", "httpOnly", "secure", "sameSite", "maxAge"))
+    if not c.has("keyFile"):
+        c.error("keyFile", "is required: the HMAC key is read from this file")
+    result = SessionCookieSpec(
+        cookie=cookie,
+        key_file=c.get("keyFile", _string, ""),
+        idle_timeout=c.get("idleTimeout", parse_duration, None),
+        absolute_timeout=c.get("absoluteTimeout", parse_duration, None),
+    )
+    if (result.idle_timeout and result.absolute_timeout
+            and result.idle_timeout > result.absolute_timeout):
+        c.error("idleTimeout", f"must not exceed absoluteTimeout ({result.absolute_timeout:g}s)")
+    c.finish()
+    return result
+
+
+def _parse_hash(spec: _Reader) -> HashSpec:
+    h = _Reader(spec.raw("hash"), spec.sub("hash"), spec.errors)
+    if not h.has("on"):
+        h.error("on", "is required: one of header, cookie, query, client")
+    on = h.get("on", _choice(HashOn), HashOn.CLIENT)
+    name = h.get("name", _token, None)
+    if on is not HashOn.CLIENT and name is None:
+        h.error("name", f"is required to hash on a {on.value}")
+    if on is HashOn.CLIENT and name is not None:
+        h.error("name", "must not be set when hashing on the client address")
+    result = HashSpec(on=on, name=name, algorithm=h.get("algorithm", _choice(HashAlgorithm),
+                                                        HashAlgorithm.RINGHASH))
+    h.finish()
+    return result
+
+
+def _parse_variables(spec: _Reader) -> BalancerVariables:
+    v = _Reader(spec.raw("balancerVariables"), spec.sub("balancerVariables"), spec.errors)
+    result = BalancerVariables(request_headers=v.get("requestHeaders", _boolean, False),
+                               response_headers=v.get("responseHeaders", _boolean, False))
+    v.finish()
+    return result
+
+
+def _check_sticky(spec: _Reader, pool: BalancerPool) -> None:
+    if pool.lbmethod is LBMethod.HASH and pool.hash is None:
+        spec.error("hash", "is required with lbmethod hash")
+    if pool.hash is not None and pool.lbmethod is not LBMethod.HASH:
+        spec.error("hash", f"only applies to lbmethod hash, not {pool.lbmethod.value}")
+    rc = pool.route_cookie
+    if rc is not None:
+        sticky = pool.stickysession
+        if sticky is None or sticky.cookie != rc.name:
+            spec.error("routeCookie.name",
+                       f"{rc.name!r} must be the cookie named in stickysession, or the proxy would "
+                       f"never read it back (stickysession: {sticky.names if sticky else 'unset'})")
+        elif pool.stickysessionsep is None:
+            spec.error("routeCookie", "needs stickysessionsep: the cookie value is '<sep><route>'")
+    sc = pool.session_cookie
+    if sc is not None and pool.stickysession is not None and sc.cookie.name in (
+            pool.stickysession.cookie, pool.stickysession.param):
+        spec.error("sessionCookie.name", f"{sc.cookie.name!r} is already the stickysession name")
+    if sc is not None and rc is not None and sc.cookie.name == rc.name:
+        spec.error("sessionCookie.name", f"{sc.cookie.name!r} is already the routeCookie name")
 
 
 def _own_field(error_path: str, member_path: str, own: set[str]) -> bool:
     rest = error_path[len(member_path):].lstrip(".")
     key = re.split(r"[.\[]", rest, maxsplit=1)[0]
     return not key or key in own or key == "url"
-
-
-def _enum(cls: type[LBMethod]) -> Callable[[Any], LBMethod]:
-    def conv(value: Any) -> LBMethod:
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise ValueError(f"must be one of {choices}, got {value!r}") from None
-
-    return conv
 
 
 def _parse_list(
@@ -607,6 +803,7 @@ def _parse_member_fields(m: _Reader, is_default: bool = False) -> dict[str, Any]
         "timeout": timeout,
         "connectiontimeout": m.get("connectiontimeout", parse_duration, timeout),
         "pool": _parse_connection_pool(m),
+        "slowstart": m.get("slowstart", parse_duration, 0.0),
     }
     if not is_default:
         fields["route"] = m.get("route", _route, None)

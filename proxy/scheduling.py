@@ -10,9 +10,13 @@ is in error.
 
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
-from .model import BalancerPool, LBMethod, MemberSpec
+from .hashing import Maglev, Ring, hash64
+from .model import BalancerPool, HashAlgorithm, LBMethod, MemberSpec
+from .sticky import Reason
 
 # Status flags as bits, so that a usability test is one AND on the hot path.
 FLAG_BITS = {"D": 1, "S": 2, "I": 4, "H": 8, "R": 16, "E": 32, "N": 64, "C": 128}
@@ -35,7 +39,7 @@ class MemberState:
     """A member's live scheduling state: httpd's ``proxy_worker_shared`` counters and flags."""
 
     __slots__ = ("busy", "elected", "error_time", "errors", "flags", "index", "lbfactor", "lbset",
-                 "lbstatus", "name", "read", "retries", "route", "spec", "transferred")
+                 "lbstatus", "name", "read", "retries", "route", "spec", "transferred", "usable_since")
 
     def __init__(self, spec: MemberSpec, index: int, now: float) -> None:
         self.spec = spec
@@ -55,6 +59,8 @@ class MemberState:
         self.retries = 0
         # A member configured in E starts its `retry` wait now.
         self.error_time = now
+        #: When the member last became usable, for slowstart; -inf: not ramping.
+        self.usable_since = float("-inf")
 
     @property
     def usable(self) -> bool:
@@ -74,6 +80,15 @@ class MemberState:
         if self.flags & E and now >= self.error_time + self.spec.retry:
             self.flags &= ~E
             self.retries += 1
+            self.usable_since = now
+
+    def factor(self, now: float) -> int:
+        """lbfactor, ramped up over ``slowstart`` after the member became usable (at least 10%,
+        as Envoy's default min_weight_percent)."""
+        ramp = self.spec.slowstart
+        if ramp and now - self.usable_since < ramp:
+            return max(1, int(self.lbfactor * max(0.1, (now - self.usable_since) / ramp)))
+        return self.lbfactor
 
     def adopt(self, old: MemberState) -> None:
         """Keep counters and error state across a reload that kept this member."""
@@ -84,6 +99,7 @@ class MemberState:
         self.read = old.read
         self.errors = old.errors
         self.retries = old.retries
+        self.usable_since = old.usable_since
         if old.flags & E and not self.flags & I:
             self.flags |= E
             self.error_time = old.error_time
@@ -92,7 +108,7 @@ class MemberState:
 class PoolState:
     """The members of one pool as the scheduler sees them, grouped into lbset tiers."""
 
-    __slots__ = ("by_name", "by_route", "lbmethod", "members", "spec", "tiers")
+    __slots__ = ("_hash_cache", "by_name", "by_route", "lbmethod", "members", "random", "spec", "tiers")
 
     def __init__(self, spec: BalancerPool, previous: PoolState | None = None, now: float = 0.0) -> None:
         self.spec = spec
@@ -102,53 +118,76 @@ class PoolState:
         self.by_route = {m.route: m for m in self.members if m.route is not None}
         sets = sorted({m.lbset for m in self.members})
         self.tiers = [[m for m in self.members if m.lbset == s] for s in sets]
+        self.random = random.Random()
+        self._hash_cache: OrderedDict[tuple[int, ...], Ring | Maglev] = OrderedDict()
         if previous is not None:
+            self.random = previous.random
             for member in self.members:
                 old = previous.by_name.get(member.name)
                 if old is not None and old.spec.url == member.spec.url:
                     member.adopt(old)
+                else:
+                    member.usable_since = now  # a member added at run time ramps up
 
-    def choose(self, now: float, exclude: Collection[MemberState] = ()) -> MemberState | None:
-        """The member for a new (non-sticky) request, or None when nothing is usable."""
-        best = self._choose(now, exclude)
+    def choose(self, now: float, exclude: Collection[MemberState] = (),
+               key: str | None = None) -> MemberState | None:
+        """The member for a request without a usable session route, or None when nothing is
+        usable. ``key`` is the request's hash key for lbmethod hash."""
+        best = self._choose(now, exclude, key)
         if best is None and self.spec.forcerecovery and self._all_in_error():
             for member in self.members:
                 member.flags &= ~E
                 member.retries += 1
-            best = self._choose(now, exclude)
+            best = self._choose(now, exclude, key)
         if best is not None:
             best.elected += 1
         return best
 
+    def find_route(self, route: str, now: float, exclude: Collection[MemberState] = ()
+                   ) -> tuple[MemberState | None, Reason]:
+        """httpd's ``find_route_worker``: the member whose route this is, if usable (a draining
+        member still takes its own sessions); else its ``redirect`` member; else None. The reason
+        says why the session stayed, moved or must be re-balanced."""
+        member = self.by_route.get(route)
+        if member is None:
+            return None, Reason.MEMBER_GONE
+        if member not in exclude:
+            member.retry_if_due(now)
+            if member.usable:
+                return member, Reason.MEMBER_DRAINING if member.flags & N else Reason.STICKY
+        reason = (Reason.MEMBER_DISABLED if member.flags & (D | S) and member not in exclude
+                  else Reason.MEMBER_ERROR)
+        if member.spec.redirect is not None:
+            target = self.by_route.get(member.spec.redirect)
+            if target is not None and target not in exclude:
+                target.retry_if_due(now)
+                if target.usable:
+                    return target, reason
+        return None, reason
+
+    def note_sticky(self, chosen: MemberState, now: float) -> None:
+        """httpd's default ``updatelbstatus``: a sticky request still counts in the weighted
+        rotation, so sessions do not skew byrequests."""
+        total = 0
+        for m in self.members:
+            if m.usable:
+                f = m.factor(now)
+                m.lbstatus += f
+                total += f
+        chosen.lbstatus -= total
+        chosen.elected += 1
+
     def _all_in_error(self) -> bool:
         return bool(self.members) and all(m.flags & E for m in self.members)
 
-    def _choose(self, now: float, exclude: Collection[MemberState]) -> MemberState | None:
-        method = self.lbmethod
-        total = 0
-        best: MemberState | None = None
-        best_traffic = 0.0
+    def candidates(self, now: float, exclude: Collection[MemberState] = ()) -> list[MemberState]:
+        """The members a new request may go to, in order: the usable regular members of the
+        lowest lbset that has any, plus one usable spare per unusable member of that set; else
+        the usable hot standbys of every set."""
         standbys: list[MemberState] = []
-
-        def consider(m: MemberState) -> None:
-            nonlocal total, best, best_traffic
-            if method is LBMethod.BYTRAFFIC:
-                traffic = m.transferred / m.lbfactor + m.read / m.lbfactor
-                if best is None or traffic < best_traffic:
-                    best, best_traffic = m, traffic
-                return
-            m.lbstatus += m.lbfactor
-            total += m.lbfactor
-            if (
-                best is None
-                or (method is LBMethod.BYREQUESTS and m.lbstatus > best.lbstatus)
-                or (method is LBMethod.BYBUSYNESS and (
-                    m.busy < best.busy or (m.busy == best.busy and m.lbstatus > best.lbstatus)))
-            ):
-                best = m
-
         for tier in self.tiers:
             unusable = 0
+            regular: list[MemberState] = []
             spares: list[MemberState] = []
             for m in tier:
                 flags = m.flags
@@ -167,16 +206,72 @@ class PoolState:
                     if usable:
                         standbys.append(m)
                 elif usable:
-                    consider(m)
+                    regular.append(m)
                 else:
                     unusable += 1
-            for spare in spares[:unusable]:
-                consider(spare)
-            if best is not None:
-                break
-        if best is None:
-            for standby in standbys:
-                consider(standby)
-        if best is not None and method is not LBMethod.BYTRAFFIC:
+            if unusable and spares:
+                regular.extend(spares[:unusable])
+            if regular:
+                return regular
+        return standbys
+
+    def _choose(self, now: float, exclude: Collection[MemberState], key: str | None
+                ) -> MemberState | None:
+        cands = self.candidates(now, exclude)
+        if not cands:
+            return None
+        method = self.lbmethod
+        if method is LBMethod.BYREQUESTS or method is LBMethod.BYBUSYNESS:
+            # httpd: every candidate gains its factor, the best pays the total back.
+            total = 0
+            best = cands[0]
+            by_busy = method is LBMethod.BYBUSYNESS
+            for m in cands:
+                f = m.factor(now)
+                m.lbstatus += f
+                total += f
+                if m is not best and (
+                        (not by_busy and m.lbstatus > best.lbstatus)
+                        or (by_busy and (m.busy < best.busy
+                                         or (m.busy == best.busy and m.lbstatus > best.lbstatus)))):
+                    best = m
             best.lbstatus -= total
-        return best
+            return best
+        if method is LBMethod.BYTRAFFIC:
+            best = cands[0]
+            best_traffic = (best.transferred + best.read) / best.factor(now)
+            for m in cands[1:]:
+                traffic = (m.transferred + m.read) / m.factor(now)
+                if traffic < best_traffic:
+                    best, best_traffic = m, traffic
+            return best
+        if len(cands) == 1:
+            return cands[0]
+        if method is LBMethod.LEASTREQUEST:
+            a, b = self.random.sample(cands, 2)
+            # Fewer outstanding requests per unit of weight wins; ties keep member order.
+            score_a, score_b = (a.busy + 1) / a.factor(now), (b.busy + 1) / b.factor(now)
+            if score_a == score_b:
+                return a if a.index < b.index else b
+            return a if score_a < score_b else b
+        if method is LBMethod.HASH and key is not None:
+            return cands[self._hash_table(cands).lookup(hash64(key))]
+        # random, and hash without a key
+        return self.random.choices(cands, [m.factor(now) for m in cands])[0]
+
+    def _hash_table(self, cands: list[MemberState]) -> Ring | Maglev:
+        """One table per candidate set, rebuilt only when the set changes (kept for 8 sets)."""
+        ident = tuple(m.index for m in cands)
+        table = self._hash_cache.get(ident)
+        if table is None:
+            spec = self.spec.hash
+            names = [m.name for m in cands]
+            weights = [m.spec.loadfactor for m in cands]
+            maglev = spec is not None and spec.algorithm is HashAlgorithm.MAGLEV
+            table = Maglev(names, weights) if maglev else Ring(names, weights)
+            self._hash_cache[ident] = table
+            if len(self._hash_cache) > 8:
+                self._hash_cache.popitem(last=False)
+        else:
+            self._hash_cache.move_to_end(ident)
+        return table

@@ -121,7 +121,8 @@ def test_check_lists_every_problem() -> None:
     lines = [line.strip() for line in result.stderr.splitlines()[1:]]
     assert lines == [
         "metadata.name: must be a DNS label (lower-case letters, digits, '-'), got 'Broken_Name'",
-        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'roundrobin'",
+        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, "
+        "leastrequest, random, hash, got 'roundrobin'",
         "spec.routes[0].path: must be an absolute path like /app without query or spaces, got 'app'",
         "spec.members[1].url: must be an http:// URL such as http://10.0.0.5:8080, "
         "got 'ftp://127.0.0.1:9002'",

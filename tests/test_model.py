@@ -339,7 +339,8 @@ def test_status_flag_syntax(status: object, flags: set[str]) -> None:
     ("value", "expected"),
     [
         ("JSESSIONID|jsessionid", StickySession("JSESSIONID", "jsessionid")),
-        ("JSESSIONID", StickySession("JSESSIONID", None)),
+        # httpd: a name without "|" is both the cookie and the URL parameter.
+        ("JSESSIONID", StickySession("JSESSIONID", "JSESSIONID")),
         ("|jsessionid", StickySession(None, "jsessionid")),
         ("ROUTEID|", StickySession("ROUTEID", None)),
     ],
@@ -563,12 +564,16 @@ def test_unknown_fields_at_every_level() -> None:
 
 def test_bad_lbmethod() -> None:
     assert spec_errors(lbmethod="roundrobin") == [
-        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'roundrobin'"]
+        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, "
+        "leastrequest, random, hash, got 'roundrobin'"]
 
 
 @pytest.mark.parametrize("method", list(LBMethod))
 def test_every_lbmethod_is_accepted(method: LBMethod) -> None:
-    assert parse_one(pool_doc(lbmethod=method.value)).lbmethod is method
+    doc = pool_doc(lbmethod=method.value)
+    if method is LBMethod.HASH:
+        doc["spec"]["hash"] = {"on": "client"}
+    assert parse_one(doc).lbmethod is method
 
 
 @pytest.mark.parametrize(("value", "attempts"), [(-1, "must be 0..100, got -1"),
@@ -785,7 +790,8 @@ def test_many_errors_are_all_reported_at_once() -> None:
     )
     assert sorted(errors_of(doc)) == sorted([
         f"metadata.name: {DNS_LABEL} 'Bad'",
-        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'rr'",
+        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, "
+        "leastrequest, random, hash, got 'rr'",
         "spec.routes[0].path: must be an absolute path like /app without query or spaces, got 'x'",
         "spec.members[1].url: must be an http:// URL such as http://10.0.0.5:8080, got 'ftp://b'",
         "spec.members[1].route: 'a' repeats members[0]",
@@ -855,7 +861,8 @@ def test_parse_pool_appends_errors_to_the_given_list() -> None:
     errors: list[FieldError] = []
     assert parse_pool(pool_doc(lbmethod="x"), errors) is not None
     assert [str(e) for e in errors] == [
-        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'x'"]
+        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, "
+        "leastrequest, random, hash, got 'x'"]
     good: list[FieldError] = []
     pool = parse_pool(pool_doc(), good)
     assert good == [] and pool is not None and pool.name == "web"
@@ -879,7 +886,7 @@ def test_multi_document_errors_are_prefixed_with_the_document() -> None:
     nameless["kind"] = "Other"
     assert errors_of_text(dump_all(good, bad, nameless)) == [
         "documents[1] (BalancerPool bad): spec.lbmethod: must be one of byrequests, bytraffic, "
-        "bybusyness, got 'rr'",
+        "bybusyness, leastrequest, random, hash, got 'rr'",
         "documents[2]: kind: must be BalancerPool, got 'Other'",
         f"documents[2]: metadata.name: {DNS_LABEL} ''",
     ]
@@ -887,7 +894,8 @@ def test_multi_document_errors_are_prefixed_with_the_document() -> None:
 
 def test_single_document_errors_have_no_prefix() -> None:
     assert errors_of_text(dump_all(pool_doc(lbmethod="rr"))) == [
-        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'rr'"]
+        "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, "
+        "leastrequest, random, hash, got 'rr'"]
 
 
 def test_multi_document_non_mapping_document() -> None:
@@ -967,7 +975,8 @@ def test_demo_pool_example_parses() -> None:
 
 INVALID_EXAMPLE_ERRORS = [
     f"metadata.name: {DNS_LABEL} 'Broken_Name'",
-    "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, got 'roundrobin'",
+    "spec.lbmethod: must be one of byrequests, bytraffic, bybusyness, "
+    "leastrequest, random, hash, got 'roundrobin'",
     "spec.routes[0].path: must be an absolute path like /app without query or spaces, got 'app'",
     "spec.maxattempts: must be 0..100, got -1",
     "spec.members[1].url: must be an http:// URL such as http://10.0.0.5:8080, got 'ftp://127.0.0.1:9002'",
