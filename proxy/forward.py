@@ -9,13 +9,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
 from .messages import Body, RequestHead, Response, local_response
-from .model import BalancerPool, RouteSpec
+from .model import BalancerPool, FieldError, HashOn, InvalidBalancerPool, RouteSpec
 from .scheduling import MemberState, PoolState
+from .sticky import (
+    NO_ROUTE,
+    Reason,
+    SessionRoute,
+    SessionState,
+    SignedSession,
+    cookie_value,
+    decode_session,
+    encode_session,
+    extract_route,
+    query_param,
+    set_cookie,
+)
 from .upstream import (
     ConnectFailed,
     ConnectionPool,
@@ -31,6 +47,16 @@ log = logging.getLogger("balancerpool.proxy")
 #: Methods that RFC 9110 §9.2.2 calls idempotent: safe to re-send when no response came back.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 REQUEST_DROP = OWN_REQUEST_FIELDS | {"x-forwarded-for", "x-forwarded-host"}
+#: httpd's six variables and the header names that carry them when exported.
+VARIABLE_HEADERS = {
+    "BALANCER_SESSION_STICKY": "X-Balancer-Session-Sticky",
+    "BALANCER_SESSION_ROUTE": "X-Balancer-Session-Route",
+    "BALANCER_NAME": "X-Balancer-Name",
+    "BALANCER_WORKER_NAME": "X-Balancer-Worker-Name",
+    "BALANCER_WORKER_ROUTE": "X-Balancer-Worker-Route",
+    "BALANCER_ROUTE_CHANGED": "X-Balancer-Route-Changed",
+}
+_VARIABLE_FIELDS = frozenset(h.lower() for h in VARIABLE_HEADERS.values())
 _REASONS = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
@@ -38,8 +64,15 @@ class Pool:
     """One BalancerPool at run time: its scheduling state and one connection pool per member."""
 
     def __init__(self, spec: BalancerPool, loop: asyncio.AbstractEventLoop,
-                 clock: Callable[[], float], previous: Pool | None = None) -> None:
+                 clock: Callable[[], float], previous: Pool | None = None,
+                 session_key: bytes | None = None) -> None:
         self.spec = spec
+        self.session_key = session_key
+        #: Route decisions by reason, for metrics (kept across reloads).
+        self.route_reasons: Counter[str] = previous.route_reasons if previous is not None else Counter()
+        self.sticky = spec.stickysession is not None or spec.session_cookie is not None
+        self.drop = REQUEST_DROP | _VARIABLE_FIELDS if spec.balancer_variables.request_headers \
+            else REQUEST_DROP
         self.state: PoolState = PoolState(spec, previous.state if previous is not None else None,
                                           clock())
         self.connections: dict[str, ConnectionPool] = {}
@@ -104,19 +137,24 @@ class Forwarder:
     """Everything a front end needs: ``await forwarder.handle(head, body)``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wallclock: Callable[[], float] = time.time) -> None:
         self.loop = loop
         #: Injectable so that tests move time instead of sleeping through ``retry`` or ``ttl``.
         self.clock = clock
+        #: Wall-clock time for signed session cookies, which must agree across replicas.
+        self.wallclock = wallclock
         self.pools: dict[str, Pool] = {}
         self.router = Router([])
         self._maintainer: asyncio.Task[None] | None = None
 
     def apply(self, specs: list[BalancerPool]) -> None:
         """Swap in a new configuration; members that stayed keep their state and connections."""
+        keys = load_session_keys(specs)
         new: dict[str, Pool] = {}
         for spec in specs:
-            new[spec.name] = Pool(spec, self.loop, self.clock, self.pools.get(spec.name))
+            new[spec.name] = Pool(spec, self.loop, self.clock, self.pools.get(spec.name),
+                                  keys.get(spec.name))
         for name, pool in self.pools.items():
             if name not in new:
                 pool.close()
@@ -148,6 +186,26 @@ class Forwarder:
     # --- the request path -----------------------------------------------------------------------
 
     async def handle(self, head: RequestHead, body: Body) -> Response:
+        if not accesslog.enabled():
+            return await self._handle(head, body)
+        started = time.monotonic()
+        response = await self._handle(head, body)
+        finish, chunks, info, status = response.finish, response.chunks, response.info, response.status
+        sent = [0]
+
+        async def counted() -> AsyncIterator[bytes]:
+            async for chunk in chunks():
+                sent[0] += len(chunk)
+                yield chunk
+
+        def logged(ok: bool) -> None:
+            finish(ok)
+            accesslog.record(head, status, sent[0], started, info, ok)
+
+        response.chunks, response.finish = counted, logged
+        return response
+
+    async def _handle(self, head: RequestHead, body: Body) -> Response:
         route = self.router.match(head.host, head.path)
         if route is None:
             return local_response(404, "Not Found", f"No route for {head.path}",
@@ -157,7 +215,7 @@ class Forwarder:
         state = pool.state
         upstream_path = map_path(head.path, route.prefix, route.backend_prefix)
         target = upstream_path + ("?" + head.query if head.query else "")
-        fixed = self._fixed_headers(head, body)
+        fixed = self._fixed_headers(head, body, pool.drop)
         head_only = head.method == "HEAD"
         idempotent = head.method in IDEMPOTENT
         has_body = body.length != 0
@@ -166,16 +224,37 @@ class Forwarder:
         clock = self.clock
         deadline = clock() + spec.timeout
         body_started = False
+        session, signed, reason = self._session(head, pool) if pool.sticky else (NO_ROUTE, None, None)
+        hash_key = _hash_key(head, spec) if spec.hash is not None else None
 
         while True:
             now = clock()
-            member = state.choose(now, tried)
+            if session.route is not None:
+                member, why = state.find_route(session.route, now, tried)
+                if member is not None:
+                    state.note_sticky(member, now)
+                elif spec.nofailover and why is not Reason.MEMBER_GONE:
+                    pool.route_reasons[Reason.NOFAILOVER] += 1
+                    return local_response(
+                        503, _REASONS[503],
+                        f"Service unavailable: the session's member (route {session.route!r}) in "
+                        f"pool {spec.name!r} is unusable ({why.value}) and nofailover is on.",
+                        {"pool": spec.name, "reason": "nofailover", "route_reason": Reason.NOFAILOVER,
+                         "attempts": len(tried)}, extra=[("Retry-After", "1")])
+                else:
+                    member = state.choose(now, tried, hash_key)
+                reason = why
+            else:
+                member = state.choose(now, tried, hash_key)
+                if reason is None:
+                    reason = Reason.NEW_SESSION
             if member is None:
                 if spec.timeout > 0 and now < deadline and not tried:
                     await asyncio.sleep(min(0.05, deadline - now))
                     continue
                 return self._unavailable(spec, failures, len(tried))
             conns = pool.connections[member.name]
+            attempt_started = clock()
             try:
                 conn = await conns.acquire()
             except PoolExhausted as exc:
@@ -196,15 +275,22 @@ class Forwarder:
             member.busy += 1
             m = member.spec
             host = head.host if route.spec.preserve_host else m.authority
+            variables = self._variables(pool, session, member) if pool.sticky or \
+                spec.balancer_variables.request_headers or spec.balancer_variables.response_headers \
+                else None
+            extra = ""
+            if variables is not None and spec.balancer_variables.request_headers:
+                extra = "".join(f"{VARIABLE_HEADERS[k]}: {v}\r\n" for k, v in variables.items())
             request_head = (f"{head.method} {m.base_path}{target} HTTP/1.1\r\nHost: {host}\r\n"
-                            f"{fixed}\r\n").encode("latin-1")
+                            f"{fixed}{extra}\r\n").encode("latin-1")
             try:
                 conn.begin(request_head, head_only)
                 member.transferred += len(request_head)
                 if has_body:
                     body_started = True
                     await self._send_body(conn, body, member)
-                status, reason, raw_headers = await conn.read_head(m.timeout)
+                connected = clock()
+                status, reason_phrase, raw_headers = await conn.read_head(m.timeout)
             except UpstreamError as exc:
                 member.busy -= 1
                 conns.release(conn, False)
@@ -242,13 +328,86 @@ class Forwarder:
                 member.mark_error(clock())
                 log.warning("pool %s: member %s in error: status %d matches failonstatus",
                             spec.name, member.name, status)
-            return self._stream(head, route, pool, member, conns, conn, status, reason, raw_headers,
-                                len(tried) + 1)
+            assert reason is not None
+            pool.route_reasons[reason] += 1
+            response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
+                                    raw_headers, len(tried) + 1)
+            response.info["route_reason"] = reason
+            response.info["connect_ms"] = round((connected - attempt_started) * 1000, 3)
+            response.info["response_ms"] = round((clock() - connected) * 1000, 3)
+            if variables is not None:
+                response.info["balancer"] = variables
+                self._session_response(response, pool, session, signed, member, variables)
+            return response
+
+    def _session(self, head: RequestHead, pool: Pool
+                 ) -> tuple[SessionRoute, SignedSession | None, Reason | None]:
+        """The route this request asks for, its signed session, and a reason when a cookie it
+        carried was refused (then the request is balanced as a new session)."""
+        spec = pool.spec
+        cookies = [v for n, v in head.headers if n.lower() == "cookie"]
+        reason: Reason | None = None
+        session = NO_ROUTE
+        if spec.stickysession is not None:
+            session = extract_route(head.path, head.query, cookies, spec.stickysession,
+                                    spec.stickysessionsep, spec.scolonpathdelim)
+            if session.malformed:
+                reason = Reason.COOKIE_INVALID
+                session = NO_ROUTE
+        signed: SignedSession | None = None
+        sc = spec.session_cookie
+        if sc is not None and pool.session_key is not None:
+            value = cookie_value(cookies, sc.cookie.name)
+            if value is not None:
+                state, decoded = decode_session(value, pool.session_key, self.wallclock(),
+                                                sc.idle_timeout, sc.absolute_timeout)
+                if state is SessionState.OK and decoded is not None:
+                    signed = decoded
+                    if session.route is None:
+                        session = SessionRoute(decoded.route, sc.cookie.name)
+                elif session.route is None:
+                    reason = (Reason.COOKIE_EXPIRED if state is SessionState.EXPIRED
+                              else Reason.COOKIE_INVALID)
+        return session, signed, reason
 
     @staticmethod
-    def _fixed_headers(head: RequestHead, body: Body) -> str:
+    def _variables(pool: Pool, session: SessionRoute, member: MemberState) -> dict[str, str]:
+        """httpd's ``BALANCER_*`` environment, computed as mod_proxy_balancer documents it."""
+        variables = {"BALANCER_NAME": pool.spec.balancer_name,
+                     "BALANCER_WORKER_NAME": member.name,
+                     "BALANCER_WORKER_ROUTE": member.route or ""}
+        if session.route is not None and session.source is not None:
+            variables["BALANCER_SESSION_STICKY"] = session.source
+            variables["BALANCER_SESSION_ROUTE"] = session.route
+        if pool.sticky and (session.route is None or session.route != member.route):
+            variables["BALANCER_ROUTE_CHANGED"] = "1"
+        return variables
+
+    def _session_response(self, response: Response, pool: Pool, session: SessionRoute,
+                          signed: SignedSession | None, member: MemberState,
+                          variables: dict[str, str]) -> None:
+        spec = pool.spec
+        headers = response.headers
+        if spec.balancer_variables.response_headers:
+            headers.extend((VARIABLE_HEADERS[k], v) for k, v in variables.items())
+        if member.route is None:
+            return
+        changed = "BALANCER_ROUTE_CHANGED" in variables
+        if spec.route_cookie is not None and changed:
+            # httpd: Header add Set-Cookie "ROUTEID=.%{BALANCER_WORKER_ROUTE}e" env=BALANCER_ROUTE_CHANGED
+            headers.append(("Set-Cookie", set_cookie(spec.route_cookie,
+                                                     f"{spec.stickysessionsep}{member.route}")))
+        sc = spec.session_cookie
+        if sc is not None and pool.session_key is not None:
+            now = int(self.wallclock())
+            issued = signed.issued if signed is not None and signed.route == member.route else now
+            value = encode_session(SignedSession(member.route, issued, now), pool.session_key)
+            headers.append(("Set-Cookie", set_cookie(sc.cookie, value)))
+
+    @staticmethod
+    def _fixed_headers(head: RequestHead, body: Body, drop: frozenset[str]) -> str:
         """The request fields that do not depend on the member chosen."""
-        lines = [f"{n}: {v}" for n, v in end_to_end(head.headers, REQUEST_DROP)]
+        lines = [f"{n}: {v}" for n, v in end_to_end(head.headers, drop)]
         lines.append(f"X-Forwarded-For: {forwarded_for(head.headers, head.client)}")
         if head.host:
             lines.append(f"X-Forwarded-Host: {forwarded_for(head.headers, head.host, 'x-forwarded-host')}")
@@ -336,3 +495,42 @@ def _explain(spec: BalancerPool, status: int, failures: list[str]) -> str:
         what += " The pool has no members."
     lines = [what, *(f"  {f}" for f in failures)]
     return "\n".join(lines)
+
+
+def _hash_key(head: RequestHead, spec: BalancerPool) -> str | None:
+    """The request attribute lbmethod hash maps to a member; None when the request lacks it."""
+    h = spec.hash
+    assert h is not None
+    if h.on is HashOn.CLIENT:
+        return head.client
+    assert h.name is not None
+    if h.on is HashOn.QUERY:
+        return query_param(head.query, h.name)
+    if h.on is HashOn.COOKIE:
+        return cookie_value((v for n, v in head.headers if n.lower() == "cookie"), h.name)
+    low = h.name.lower()
+    return next((v for n, v in head.headers if n.lower() == low), None)
+
+
+def load_session_keys(specs: list[BalancerPool]) -> dict[str, bytes]:
+    """Each pool's session-cookie HMAC key, read from its file at configuration time."""
+    keys: dict[str, bytes] = {}
+    errors: list[FieldError] = []
+    for spec in specs:
+        sc = spec.session_cookie
+        if sc is None:
+            continue
+        try:
+            key = Path(sc.key_file).read_bytes().strip()
+        except OSError as exc:
+            errors.append(FieldError("spec.sessionCookie.keyFile",
+                                     f"cannot be read: {exc.strerror or exc}", spec.name))
+            continue
+        if len(key) < 16:
+            errors.append(FieldError("spec.sessionCookie.keyFile",
+                                     f"holds {len(key)} bytes; a key needs at least 16", spec.name))
+            continue
+        keys[spec.name] = key
+    if errors:
+        raise InvalidBalancerPool(errors)
+    return keys

@@ -10,7 +10,7 @@ import bisect
 import hashlib
 from collections.abc import Sequence
 
-#: Ring points per unit of loadfactor (Envoy's default minimum ring is 1024 for a few hosts).
+#: Ring points per unit of loadfactor (a few hundred points per member keep the spread even).
 RING_POINTS_PER_WEIGHT = 160
 MAX_RING = 1 << 20
 #: Maglev's lookup table size: a prime, as the paper requires (Envoy's default).
@@ -28,11 +28,13 @@ class Ring:
     __slots__ = ("owners", "points")
 
     def __init__(self, names: Sequence[str], weights: Sequence[float]) -> None:
+        # A member's points depend only on its own name and weight, never on the other members:
+        # that is what keeps a member's departure from moving anyone else's keys.
         total = sum(weights) or 1.0
-        budget = min(MAX_RING, max(1024, int(RING_POINTS_PER_WEIGHT * total)))
+        scale = min(1.0, MAX_RING / (RING_POINTS_PER_WEIGHT * total))
         entries: list[tuple[int, int]] = []
         for index, (name, weight) in enumerate(zip(names, weights, strict=True)):
-            count = max(1, round(budget * weight / total))
+            count = max(1, round(RING_POINTS_PER_WEIGHT * weight * scale))
             entries.extend((hash64(f"{name}#{i}"), index) for i in range(count))
         entries.sort()
         self.points = [p for p, _ in entries]

@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from balancerpool.proxy.cli import main as cli_main
 from balancerpool.proxy.model import (
     API_VERSION,
@@ -25,8 +28,6 @@ from balancerpool.proxy.model import (
     parse_pool,
     parse_pools,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

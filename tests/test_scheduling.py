@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from balancerpool.proxy.model import API_VERSION, KIND, BalancerPool, parse_pools
 from balancerpool.proxy.scheduling import (
     FLAG_BITS,
@@ -16,8 +19,6 @@ from balancerpool.proxy.scheduling import (
     bits_to_flags,
     flags_to_bits,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
