@@ -29,6 +29,11 @@ def fetch(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def fetch_with(url: str, headers: dict[str, str]) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+        return str(resp.read().decode())
+
+
 def wait_until(predicate: object, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -150,6 +155,17 @@ def test_demo_serves_and_stops_on_ctrl_c(run: list[subprocess.Popen[bytes]]) -> 
     bodies = [fetch(url)[1].splitlines()[0] for _ in range(6)]
     # alpha has loadfactor 1, beta 2; gamma is a hot standby and gets nothing.
     assert sorted(bodies) == ["demo backend alpha (route a)"] * 2 + ["demo backend beta (route b)"] * 4
+    # Stickiness with the demo backends' Tomcat-style cookies, as a cookie and as ;jsessionid=.
+    for _ in range(5):
+        assert fetch_with(url, {"Cookie": "JSESSIONID=abc.a"}).startswith("demo backend alpha")
+        assert fetch(url + "cart;jsessionid=abc.b")[1].startswith("demo backend beta")
+    # A new visitor gets a cookie naming the member that served it, and stays there.
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = resp.read().decode()
+        cookie = resp.headers["Set-Cookie"].split(";")[0]
+    served = body.splitlines()[0]
+    assert cookie.endswith(".a" if "alpha" in served else ".b")
+    assert {fetch_with(url, {"Cookie": cookie}).splitlines()[0] for _ in range(5)} == {served}
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0
