@@ -93,6 +93,14 @@ class Pool:
             for route in spec.routes
         }
 
+    def member_error(self, member: MemberState, now: float, why: str) -> None:
+        """Put a member in E and flush its idle connections at once: nothing more is sent on
+        connections to a member that just failed (LVS ``expire_nodest_conn``)."""
+        if member.mark_error(now):
+            flushed = self.connections[member.name].close_idle()
+            log.warning("pool %s: member %s in error (%s); %d idle connections closed",
+                        self.spec.name, member.name, why, flushed)
+
     def close(self) -> None:
         for pool in self.connections.values():
             pool.close()
@@ -264,9 +272,8 @@ class Forwarder:
                     return self._unavailable(spec, failures, len(tried))
                 continue
             except ConnectFailed as exc:
-                member.mark_error(clock())
+                pool.member_error(member, clock(), str(exc))
                 failures.append(f"{member.name}: {exc}")
-                log.warning("pool %s: member %s in error: %s", spec.name, member.name, exc)
                 tried.append(member)
                 if len(tried) > spec.maxattempts:
                     return self._unavailable(spec, failures, len(tried))
@@ -307,12 +314,12 @@ class Forwarder:
                 failures.append(f"{member.name}: {exc}")
                 if isinstance(exc, UpstreamTimeout):
                     if spec.failontimeout:
-                        member.mark_error(clock())
+                        pool.member_error(member, clock(), f"failontimeout: {exc}")
                     return local_response(504, _REASONS[504], _explain(spec, 504, failures),
                                           {"pool": spec.name, "member": member.name,
                                            "reason": exc.kind, "attempts": len(tried) + 1})
                 if isinstance(exc, UpstreamClosed) and not body_started and idempotent:
-                    member.mark_error(clock())
+                    pool.member_error(member, clock(), str(exc))
                     tried.append(member)
                     if len(tried) <= spec.maxattempts:
                         continue
@@ -325,9 +332,7 @@ class Forwarder:
                 raise
 
             if status in spec.failonstatus:
-                member.mark_error(clock())
-                log.warning("pool %s: member %s in error: status %d matches failonstatus",
-                            spec.name, member.name, status)
+                pool.member_error(member, clock(), f"status {status} matches failonstatus")
             assert reason is not None
             pool.route_reasons[reason] += 1
             response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
@@ -471,7 +476,7 @@ class Forwarder:
         def finish(ok: bool) -> None:
             member.busy -= 1
             if not ok and isinstance(conn.error, UpstreamTimeout) and spec.failontimeout:
-                member.mark_error(self.clock())
+                pool.member_error(member, self.clock(), f"failontimeout: {conn.error}")
             conns.release(conn, ok)
 
         info: dict[str, object] = {"pool": spec.name, "member": member.name, "attempts": attempts}

@@ -70,6 +70,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.counted = True
         self.reused = False
         self.idle_since = 0.0
+        #: When the backend will close this connection if idle (its ``Keep-Alive: timeout=N``,
+        #: less a margin); +inf when it did not say.
+        self.expires = float("inf")
+        self.keepalive_timeout: float | None = None
         self.requests = 0
         # Current exchange.
         self.head_only = False
@@ -146,6 +150,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        if len(name) == 10 and name.lower() == b"keep-alive":
+            self.keepalive_timeout = keepalive_timeout(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -323,11 +329,18 @@ class ConnectionPool:
             acquire = self.member.timeout or None
         deadline = None if acquire is None else self.loop.time() + acquire
         while True:
+            now = self.clock()
             while self.idle:
                 conn = self.idle.pop()
-                if not conn.closed:
-                    conn.reused = True
-                    return conn
+                if conn.closed:
+                    continue
+                if now >= conn.expires:
+                    # The backend is about to close it (its Keep-Alive timeout): never reuse it.
+                    conn.close()
+                    self.drop(conn)
+                    continue
+                conn.reused = True
+                return conn
             if self.max is None or self.open < self.max:
                 return await self._connect()
             # At `max`: wait for a connection handed back, or a slot freed (None).
@@ -381,7 +394,9 @@ class ConnectionPool:
             if not fut.done():
                 fut.set_result(conn)
                 return
-        conn.idle_since = self.clock()
+        conn.idle_since = now = self.clock()
+        if conn.keepalive_timeout is not None:
+            conn.expires = now + conn.keepalive_timeout - keepalive_margin(conn.keepalive_timeout)
         self.idle.append(conn)
 
     def drop(self, conn: UpstreamConnection) -> None:
@@ -423,6 +438,9 @@ class ConnectionPool:
     async def maintain(self, now: float) -> None:
         """Retire idle connections past ``ttl`` (above ``smax``) and pre-open up to ``min``."""
         spec = self.member.pool
+        for conn in [c for c in self.idle if now >= c.expires]:
+            conn.close()
+            self.drop(conn)
         if spec.ttl is not None:
             floor = max(spec.min, self.smax or 0)
             # Oldest idle connections sit at the left of the deque.
@@ -437,3 +455,22 @@ class ConnectionPool:
                 return
             conn.idle_since = self.clock()
             self.idle.appendleft(conn)
+
+
+def keepalive_timeout(value: bytes) -> float | None:
+    """``timeout=N`` from a ``Keep-Alive`` response header (RFC 2068 §19.7.1.1)."""
+    for part in value.split(b","):
+        key, _, number = part.strip().partition(b"=")
+        if key.strip().lower() == b"timeout":
+            try:
+                seconds = float(number.strip())
+            except ValueError:
+                return None
+            return seconds if 0 < seconds < 86400 else None
+    return None
+
+
+def keepalive_margin(timeout: float) -> float:
+    """Retire a connection this long before the backend's own idle timeout: a quarter of it, at
+    most one second, so that a request never races the backend's close."""
+    return min(1.0, timeout / 4)
