@@ -206,7 +206,7 @@ class BalancerPool:
 # ---------------------------------------------------------------------------------------------
 # Durations
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|h|m|s)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 #: A year: longer is a typo, and keeps timer arithmetic finite.
 MAX_DURATION = 365 * 24 * 3600.0
@@ -339,7 +339,7 @@ def _loadfactor(value: Any) -> float:
     return float(value)
 
 
-_FLAGS_RE = re.compile(r"^(?:[+-]?[A-Za-z])*$")
+_FLAGS_RE = re.compile(r"^(?:[+-]?[A-Za-z])*\Z")
 
 
 def _status(value: Any) -> frozenset[str]:
@@ -362,13 +362,14 @@ def _status(value: Any) -> frozenset[str]:
     return frozenset(flags)
 
 
-_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_ROUTE_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,64}$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+#: A member route, and what a route taken from a request must look like before it is used.
+ROUTE_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,64}\Z")
 
 
 def _route(value: Any) -> str:
     text = _string(value) if not isinstance(value, int) or isinstance(value, bool) else str(value)
-    if not _ROUTE_RE.match(text):
+    if not ROUTE_RE.match(text):
         raise ValueError(f"must be 1..64 URL-safe characters, got {text!r}")
     return text
 
@@ -414,7 +415,7 @@ def _token(value: Any) -> str:
 
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN_RE = re.compile(rf"^\.?{_LABEL}(\.{_LABEL})*$")
+_DOMAIN_RE = re.compile(rf"^\.?{_LABEL}(\.{_LABEL})*\Z")
 
 
 def _domain(value: Any) -> str:
@@ -558,7 +559,7 @@ def parse_pools(text: str) -> list[BalancerPool]:
     return pools
 
 
-_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 def parse_pool(doc: object, errors: list[FieldError]) -> BalancerPool | None:

@@ -16,15 +16,13 @@ import base64
 import enum
 import hashlib
 import hmac
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .model import CookieSpec, StickySession
+# A route taken from a request must have the model's route syntax; anything else is hostile or
+# broken and is never looked up, logged raw or echoed.
+from .model import ROUTE_RE, CookieSpec, StickySession
 
-#: What a route may look like once extracted (the model's route syntax); anything else is hostile
-#: or broken and is never looked up, logged raw or echoed.
-_ROUTE_RE = re.compile(r"^[A-Za-z0-9._~:@!$&'()*+,;=-]{1,64}$")
 MAX_VALUE = 4096
 
 
@@ -110,9 +108,10 @@ def extract_route(path: str, query: str, cookie_headers: Iterable[str], sticky: 
     value: str | None = None
     source: str | None = None
     if sticky.param is not None:
-        value = query_param(query, sticky.param)
+        # httpd's get_path_param skips an empty value, so the cookie still counts then.
+        value = query_param(query, sticky.param) or None
         if value is None and scolonpathdelim:
-            value = path_param(path, sticky.param)
+            value = path_param(path, sticky.param) or None
         if value is not None:
             source = sticky.param
     if value is None and sticky.cookie is not None:
@@ -126,7 +125,7 @@ def extract_route(path: str, query: str, cookie_headers: Iterable[str], sticky: 
     route = route_from_value(value, sep)
     if not route:
         return SessionRoute(None, source)  # a session without a route yet: treated as new
-    if not _ROUTE_RE.match(route):
+    if not ROUTE_RE.match(route):
         return SessionRoute(None, source, malformed=True)
     return SessionRoute(route, source)
 
@@ -189,19 +188,19 @@ def encode_session(session: SignedSession, key: bytes) -> str:
 def decode_session(value: str, key: bytes, now: float, idle_timeout: float | None,
                    absolute_timeout: float | None) -> tuple[SessionState, SignedSession | None]:
     """Check the signature first, then the times; a bad cookie is never an error, only ignored."""
-    if len(value) > 512:
+    if len(value) > 512 or not value.isascii():
         return SessionState.INVALID, None
     payload, _, signature = value.rpartition(".")
     parts = payload.split(".")
-    if len(parts) != 3:
+    # Compare the signature as text: only the exact encoding encode_session writes is accepted.
+    if len(parts) != 3 or not hmac.compare_digest(signature, _b64(_mac(key, payload))):
         return SessionState.INVALID, None
     try:
-        given = _unb64(signature)
         route = _unb64(parts[0]).decode("ascii")
         issued, last_seen = int(parts[1], 16), int(parts[2], 16)
     except (ValueError, UnicodeDecodeError):
         return SessionState.INVALID, None
-    if not hmac.compare_digest(given, _mac(key, payload)) or not _ROUTE_RE.match(route):
+    if not ROUTE_RE.match(route):
         return SessionState.INVALID, None
     session = SignedSession(route, issued, last_seen)
     if issued > now + 60 or last_seen < issued:  # from the future: a key or clock problem
