@@ -18,7 +18,7 @@ from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
 from .messages import Body, RequestHead, Response, local_response
 from .model import BalancerPool, FieldError, HashOn, InvalidBalancerPool, RouteSpec
-from .scheduling import MemberState, PoolState
+from .scheduling import UNUSABLE, MemberState, N, PoolState, Transition, flags_to_bits
 from .sticky import (
     NO_ROUTE,
     Reason,
@@ -86,6 +86,7 @@ class Pool:
         for name, pool in old.items():
             if self.connections.get(name) is not pool:
                 pool.close()
+        self.state.listeners.append(self._member_changed)
         # ProxyPassReverse matches the members' URLs, as httpd does for balancer:// targets.
         self.reverse_bases = {
             route.path: tuple(f"http://{authority}{m.base_path}{route.backend_path.rstrip('/')}"
@@ -93,13 +94,18 @@ class Pool:
             for route in spec.routes
         }
 
-    def member_error(self, member: MemberState, now: float, why: str) -> None:
-        """Put a member in E and flush its idle connections at once: nothing more is sent on
-        connections to a member that just failed (LVS ``expire_nodest_conn``)."""
-        if member.mark_error(now):
-            flushed = self.connections[member.name].close_idle()
-            log.warning("pool %s: member %s in error (%s); %d idle connections closed",
-                        self.spec.name, member.name, why, flushed)
+    def member_error(self, member: MemberState, now: float, signal: str, detail: str) -> None:
+        member.mark_error(now, signal, detail)
+
+    def _member_changed(self, member: MemberState, change: Transition) -> None:
+        """The moment a member turns unusable or starts draining, its idle pooled connections
+        close: nothing more is ever sent on them (LVS ``expire_nodest_conn``)."""
+        before, after = flags_to_bits(change.before), flags_to_bits(change.after)
+        gone = (after & UNUSABLE and not before & UNUSABLE) or (after & N and not before & N)
+        flushed = self.connections[member.name].close_idle() if gone else 0
+        log.warning("pool %s: member %s %s -> %s (%s: %s)%s", self.spec.name, member.name,
+                    change.before or "-", change.after or "-", change.signal, change.detail,
+                    f"; {flushed} idle connections closed" if flushed else "")
 
     def close(self) -> None:
         for pool in self.connections.values():
@@ -272,13 +278,14 @@ class Forwarder:
                     return self._unavailable(spec, failures, len(tried))
                 continue
             except ConnectFailed as exc:
-                pool.member_error(member, clock(), str(exc))
+                pool.member_error(member, clock(), "connect-error", str(exc))
                 failures.append(f"{member.name}: {exc}")
                 tried.append(member)
                 if len(tried) > spec.maxattempts:
                     return self._unavailable(spec, failures, len(tried))
                 continue
 
+            acquired = clock()
             member.busy += 1
             m = member.spec
             host = head.host if route.spec.preserve_host else m.authority
@@ -296,7 +303,6 @@ class Forwarder:
                 if has_body:
                     body_started = True
                     await self._send_body(conn, body, member)
-                connected = clock()
                 status, reason_phrase, raw_headers = await conn.read_head(m.timeout)
             except UpstreamError as exc:
                 member.busy -= 1
@@ -314,12 +320,12 @@ class Forwarder:
                 failures.append(f"{member.name}: {exc}")
                 if isinstance(exc, UpstreamTimeout):
                     if spec.failontimeout:
-                        pool.member_error(member, clock(), f"failontimeout: {exc}")
+                        pool.member_error(member, clock(), "failontimeout", str(exc))
                     return local_response(504, _REASONS[504], _explain(spec, 504, failures),
                                           {"pool": spec.name, "member": member.name,
                                            "reason": exc.kind, "attempts": len(tried) + 1})
                 if isinstance(exc, UpstreamClosed) and not body_started and idempotent:
-                    pool.member_error(member, clock(), str(exc))
+                    pool.member_error(member, clock(), "closed-before-response", str(exc))
                     tried.append(member)
                     if len(tried) <= spec.maxattempts:
                         continue
@@ -332,14 +338,16 @@ class Forwarder:
                 raise
 
             if status in spec.failonstatus:
-                pool.member_error(member, clock(), f"status {status} matches failonstatus")
+                pool.member_error(member, clock(), "failonstatus", f"status {status}")
             assert reason is not None
             pool.route_reasons[reason] += 1
             response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
                                     raw_headers, len(tried) + 1)
             response.info["route_reason"] = reason
-            response.info["connect_ms"] = round((connected - attempt_started) * 1000, 3)
-            response.info["response_ms"] = round((clock() - connected) * 1000, 3)
+            # connect: getting a connection (pooled or new); response: sending the request until
+            # the response head arrived.
+            response.info["connect_ms"] = round((acquired - attempt_started) * 1000, 3)
+            response.info["response_ms"] = round((clock() - acquired) * 1000, 3)
             if variables is not None:
                 response.info["balancer"] = variables
                 self._session_response(response, pool, session, signed, member, variables)
@@ -394,6 +402,7 @@ class Forwarder:
         spec = pool.spec
         headers = response.headers
         if spec.balancer_variables.response_headers:
+            headers[:] = [(n, v) for n, v in headers if n.lower() not in _VARIABLE_FIELDS]
             headers.extend((VARIABLE_HEADERS[k], v) for k, v in variables.items())
         if member.route is None:
             return
@@ -476,7 +485,7 @@ class Forwarder:
         def finish(ok: bool) -> None:
             member.busy -= 1
             if not ok and isinstance(conn.error, UpstreamTimeout) and spec.failontimeout:
-                pool.member_error(member, self.clock(), f"failontimeout: {conn.error}")
+                pool.member_error(member, self.clock(), "failontimeout", str(conn.error))
             conns.release(conn, ok)
 
         info: dict[str, object] = {"pool": spec.name, "member": member.name, "attempts": attempts}

@@ -32,7 +32,8 @@ class LBMethod(enum.StrEnum):
     BYREQUESTS = "byrequests"
     BYTRAFFIC = "bytraffic"
     BYBUSYNESS = "bybusyness"
-    #: Least outstanding requests of two weighted random picks (power of two choices).
+    #: Power of two choices: of two members picked at random, the one with fewer outstanding
+    #: requests per unit of weight.
     LEASTREQUEST = "leastrequest"
     RANDOM = "random"
     #: Consistent hashing of a request attribute (see ``spec.hash``).
@@ -131,7 +132,7 @@ class StickySession:
 
     @property
     def names(self) -> str:
-        """The ``stickysession`` value as written, for ``BALANCER_SESSION_STICKY``."""
+        """The names, for messages."""
         if self.cookie == self.param:
             return self.cookie or ""
         return "|".join(n for n in (self.cookie, self.param) if n is not None)
@@ -733,17 +734,22 @@ def _check_sticky(spec: _Reader, pool: BalancerPool) -> None:
     if rc is not None:
         sticky = pool.stickysession
         if sticky is None or sticky.cookie != rc.name:
+            written = spec.data.get("stickysession") if sticky else None
             spec.error("routeCookie.name",
                        f"{rc.name!r} must be the cookie named in stickysession, or the proxy would "
-                       f"never read it back (stickysession: {sticky.names if sticky else 'unset'})")
+                       f"never read it back (stickysession: {written or 'unset'})")
         elif pool.stickysessionsep is None:
             spec.error("routeCookie", "needs stickysessionsep: the cookie value is '<sep><route>'")
     sc = pool.session_cookie
-    if sc is not None and pool.stickysession is not None and sc.cookie.name in (
-            pool.stickysession.cookie, pool.stickysession.param):
-        spec.error("sessionCookie.name", f"{sc.cookie.name!r} is already the stickysession name")
-    if sc is not None and rc is not None and sc.cookie.name == rc.name:
-        spec.error("sessionCookie.name", f"{sc.cookie.name!r} is already the routeCookie name")
+    if sc is not None and pool.stickysession is not None:
+        # Two sources of a route would let stickysession keep a session whose signed cookie
+        # expired: the timeouts would mean nothing.
+        spec.error("sessionCookie", "cannot be combined with stickysession: use one or the other")
+    if (sc is not None or rc is not None) and pool.members:
+        for i, member in enumerate(pool.members):
+            if member.route is None:
+                spec.error(f"members[{i}].route", "is required: "
+                           f"{'sessionCookie' if sc is not None else 'routeCookie'} carries the route")
 
 
 def _own_field(error_path: str, member_path: str, own: set[str]) -> bool:

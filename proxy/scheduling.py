@@ -11,8 +11,9 @@ is in error.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
-from collections.abc import Collection, Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 
 from .hashing import Maglev, Ring, hash64
 from .model import BalancerPool, HashAlgorithm, LBMethod, MemberSpec
@@ -35,11 +36,28 @@ def bits_to_flags(bits: int) -> str:
     return "".join(flag for flag, bit in FLAG_BITS.items() if bits & bit)
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of a member's status flags: when, from what to what, and which signal caused
+    it (config, connect-error, failonstatus, failontimeout, retry, forcerecovery, health-check,
+    outlier, manager, kubernetes ...), with a human detail."""
+
+    time: float
+    before: str
+    after: str
+    signal: str
+    detail: str = ""
+
+
+HISTORY = 32
+
+
 class MemberState:
     """A member's live scheduling state: httpd's ``proxy_worker_shared`` counters and flags."""
 
-    __slots__ = ("busy", "elected", "error_time", "errors", "flags", "index", "lbfactor", "lbset",
-                 "lbstatus", "name", "read", "retries", "route", "spec", "transferred", "usable_since")
+    __slots__ = ("busy", "elected", "error_time", "errors", "flags", "history", "index", "lbfactor",
+                 "lbset", "lbstatus", "name", "on_change", "read", "retries", "route", "spec",
+                 "transferred", "usable_since")
 
     def __init__(self, spec: MemberSpec, index: int, now: float) -> None:
         self.spec = spec
@@ -61,26 +79,47 @@ class MemberState:
         self.error_time = now
         #: When the member last became usable, for slowstart; -inf: not ramping.
         self.usable_since = float("-inf")
+        self.history: deque[Transition] = deque(
+            [Transition(now, "", bits_to_flags(self.flags), "config", "loaded")], maxlen=HISTORY)
+        self.on_change: Callable[[MemberState, Transition], None] | None = None
 
     @property
     def usable(self) -> bool:
         return not self.flags & UNUSABLE
 
-    def mark_error(self, now: float) -> bool:
+    def change(self, add: int, remove: int, now: float, signal: str, detail: str = "") -> bool:
+        """Set and clear status flags, recording the transition; True when the flags changed.
+        Every change of state goes through here, so listeners (flushing connections, metrics,
+        status) see all of them."""
+        before = self.flags
+        after = (before | add) & ~remove
+        if after == before:
+            return False
+        self.flags = after
+        if before & UNUSABLE and not after & UNUSABLE:
+            self.usable_since = now
+        transition = Transition(now, bits_to_flags(before), bits_to_flags(after), signal, detail)
+        self.history.append(transition)
+        if self.on_change is not None:
+            self.on_change(self, transition)
+        return True
+
+    @property
+    def last_change(self) -> Transition:
+        return self.history[-1]
+
+    def mark_error(self, now: float, signal: str = "error", detail: str = "") -> bool:
         """Put the member in ``E`` (unless it ignores errors); True when its state changed."""
         self.errors += 1
         if self.flags & I:
             return False
-        changed = not self.flags & E
-        self.flags |= E
         self.error_time = now
-        return changed
+        return self.change(E, 0, now, signal, detail)
 
     def retry_if_due(self, now: float) -> None:
         if self.flags & E and now >= self.error_time + self.spec.retry:
-            self.flags &= ~E
             self.retries += 1
-            self.usable_since = now
+            self.change(0, E, now, "retry", f"retry {self.spec.retry:g}s passed")
 
     def factor(self, now: float) -> int:
         """lbfactor, ramped up over ``slowstart`` after the member became usable (at least 10%,
@@ -100,6 +139,7 @@ class MemberState:
         self.errors = old.errors
         self.retries = old.retries
         self.usable_since = old.usable_since
+        self.history = old.history
         if old.flags & E and not self.flags & I:
             self.flags |= E
             self.error_time = old.error_time
@@ -108,7 +148,8 @@ class MemberState:
 class PoolState:
     """The members of one pool as the scheduler sees them, grouped into lbset tiers."""
 
-    __slots__ = ("_hash_cache", "by_name", "by_route", "lbmethod", "members", "random", "spec", "tiers")
+    __slots__ = ("_hash_cache", "by_name", "by_route", "lbmethod", "listeners", "members", "random",
+                 "spec", "tiers")
 
     def __init__(self, spec: BalancerPool, previous: PoolState | None = None, now: float = 0.0) -> None:
         self.spec = spec
@@ -119,6 +160,10 @@ class PoolState:
         sets = sorted({m.lbset for m in self.members})
         self.tiers = [[m for m in self.members if m.lbset == s] for s in sets]
         self.random = random.Random()
+        #: Called after every member state change (flush connections, publish status ...).
+        self.listeners: list[Callable[[MemberState, Transition], None]] = []
+        for member in self.members:
+            member.on_change = self._changed
         self._hash_cache: OrderedDict[tuple[int, ...], Ring | Maglev] = OrderedDict()
         if previous is not None:
             self.random = previous.random
@@ -129,6 +174,10 @@ class PoolState:
                 else:
                     member.usable_since = now  # a member added at run time ramps up
 
+    def _changed(self, member: MemberState, transition: Transition) -> None:
+        for listener in self.listeners:
+            listener(member, transition)
+
     def choose(self, now: float, exclude: Collection[MemberState] = (),
                key: str | None = None) -> MemberState | None:
         """The member for a request without a usable session route, or None when nothing is
@@ -136,8 +185,8 @@ class PoolState:
         best = self._choose(now, exclude, key)
         if best is None and self.spec.forcerecovery and self._all_in_error():
             for member in self.members:
-                member.flags &= ~E
                 member.retries += 1
+                member.change(0, E, now, "forcerecovery", "every member was in error")
             best = self._choose(now, exclude, key)
         if best is not None:
             best.elected += 1
@@ -251,9 +300,8 @@ class PoolState:
             a, b = self.random.sample(cands, 2)
             # Fewer outstanding requests per unit of weight wins; ties keep member order.
             score_a, score_b = (a.busy + 1) / a.factor(now), (b.busy + 1) / b.factor(now)
-            if score_a == score_b:
-                return a if a.index < b.index else b
-            return a if score_a < score_b else b
+            # The sample is in random order, so a tie goes to either with equal chance.
+            return a if score_a <= score_b else b
         if method is LBMethod.HASH and key is not None:
             return cands[self._hash_table(cands).lookup(hash64(key))]
         # random, and hash without a key

@@ -670,13 +670,21 @@ def test_random_nothing_usable() -> None:
 
 
 @pytest.mark.parametrize(("busy_a", "busy_b", "expected"), [
-    (5, 0, "b"), (0, 5, "a"), (1, 2, "a"), (3, 3, "a"),
+    (5, 0, {"b"}), (0, 5, {"a"}), (1, 2, {"a"}), (3, 3, {"a", "b"}),
 ])
-def test_leastrequest_two(busy_a: int, busy_b: int, expected: str) -> None:
+def test_leastrequest_two(busy_a: int, busy_b: int, expected: set[str]) -> None:
     s = state(m("a"), m("b"), lbmethod="leastrequest")
     s.random = random.Random(1)
     s.by_name["a"].busy, s.by_name["b"].busy = busy_a, busy_b
-    assert {x.name for x in (s.choose(0.0) for _ in range(50)) if x is not None} == {expected}
+    assert {x.name for x in (s.choose(0.0) for _ in range(50)) if x is not None} == expected
+
+
+def test_leastrequest_ties_are_not_biased_by_member_order() -> None:
+    """Idle members all tie: each must get its share, not the first-listed one."""
+    s = state(m("a"), m("b"), m("c"), m("d"), lbmethod="leastrequest")
+    s.random = random.Random(7)
+    counts = Counter(x.name for x in (s.choose(0.0) for _ in range(8_000)) if x is not None)
+    assert all(abs(counts[n] - 2_000) <= 200 for n in "abcd"), counts
 
 
 def test_leastrequest_per_unit_of_weight() -> None:
@@ -687,8 +695,8 @@ def test_leastrequest_per_unit_of_weight() -> None:
     assert {x.name for x in (s.choose(0.0) for _ in range(20)) if x is not None} == {"a"}
     a.busy = 4  # 5/400 > 1/100
     assert {x.name for x in (s.choose(0.0) for _ in range(20)) if x is not None} == {"b"}
-    a.busy = 3  # 4/400 == 1/100: the first member wins the tie
-    assert {x.name for x in (s.choose(0.0) for _ in range(20)) if x is not None} == {"a"}
+    a.busy = 3  # 4/400 == 1/100: a tie goes to either
+    assert {x.name for x in (s.choose(0.0) for _ in range(40)) if x is not None} == {"a", "b"}
 
 
 def test_leastrequest_never_picks_the_busiest_of_three() -> None:
