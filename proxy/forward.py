@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
+from .healthcheck import HealthChecker
 from .messages import Body, RequestHead, Response, local_response
 from .model import BalancerPool, FieldError, HashOn, InvalidBalancerPool, RouteSpec
 from .scheduling import UNUSABLE, MemberState, N, PoolState, Transition, flags_to_bits
@@ -87,6 +88,10 @@ class Pool:
             if self.connections.get(name) is not pool:
                 pool.close()
         self.state.listeners.append(self._member_changed)
+        self.checker: HealthChecker | None = None
+        if spec.health_check is not None:
+            old_checker = previous.checker if previous is not None else None
+            self.checker = HealthChecker(self.state, spec.health_check, clock, old_checker)
         # ProxyPassReverse matches the members' URLs, as httpd does for balancer:// targets.
         self.reverse_bases = {
             route.path: tuple(f"http://{authority}{m.base_path}{route.backend_path.rstrip('/')}"
@@ -108,6 +113,8 @@ class Pool:
                     f"; {flushed} idle connections closed" if flushed else "")
 
     def close(self) -> None:
+        if self.checker is not None and self.checker.task is not None:
+            self.checker.task.cancel()
         for pool in self.connections.values():
             pool.close()
 
@@ -172,6 +179,11 @@ class Forwarder:
         for name, pool in self.pools.items():
             if name not in new:
                 pool.close()
+            elif pool.checker is not None and pool.checker.task is not None:
+                pool.checker.task.cancel()  # the new pool runs its own
+        for pool in new.values():
+            if pool.checker is not None:
+                pool.checker.start()
         self.pools = new
         self.router = Router(list(new.values()))
         if self._maintainer is None:

@@ -52,6 +52,13 @@ class HashAlgorithm(enum.StrEnum):
     MAGLEV = "maglev"
 
 
+class HealthMethod(enum.StrEnum):
+    TCP = "TCP"
+    OPTIONS = "OPTIONS"
+    HEAD = "HEAD"
+    GET = "GET"
+
+
 class SameSite(enum.StrEnum):
     STRICT = "Strict"
     LAX = "Lax"
@@ -169,6 +176,31 @@ class HashSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthExpect:
+    """httpd's ``hcexpr``, structured: every condition must hold for a check to pass."""
+
+    #: Inclusive status ranges; httpd's default is "2xx or 3xx".
+    status: tuple[tuple[int, int], ...] = ((200, 399),)
+    #: (header name, regular expression searched in its value); a missing header fails.
+    headers: tuple[tuple[str, str], ...] = ()
+    #: Regular expression searched in the first 64 KiB of the body.
+    body: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckSpec:
+    """mod_proxy_hcheck's ``hcmethod hcuri hcinterval hcpasses hcfails hcexpr`` for the pool."""
+
+    method: HealthMethod
+    uri: str = "/"
+    interval: float = 30.0
+    timeout: float = 5.0
+    passes: int = 1
+    fails: int = 1
+    expect: HealthExpect = HealthExpect()
+
+
+@dataclass(frozen=True, slots=True)
 class BalancerVariables:
     """Where httpd's six ``BALANCER_*`` variables go, besides the access log."""
 
@@ -196,6 +228,7 @@ class BalancerPool:
     session_cookie: SessionCookieSpec | None = None
     hash: HashSpec | None = None
     balancer_variables: BalancerVariables = BalancerVariables()
+    health_check: HealthCheckSpec | None = None
     members: tuple[MemberSpec, ...] = field(default=())
 
     @property
@@ -654,6 +687,7 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool)
         session_cookie=_parse_session_cookie(spec) if spec.has("sessionCookie") else None,
         hash=_parse_hash(spec) if spec.has("hash") else None,
         balancer_variables=_parse_variables(spec),
+        health_check=_parse_health_check(spec) if spec.has("healthCheck") else None,
         members=tuple(members),
     )
     _check_sticky(spec, pool)
@@ -715,6 +749,92 @@ def _parse_hash(spec: _Reader) -> HashSpec:
                                                         HashAlgorithm.RINGHASH))
     h.finish()
     return result
+
+
+def _parse_health_check(spec: _Reader) -> HealthCheckSpec:
+    h = _Reader(spec.raw("healthCheck"), spec.sub("healthCheck"), spec.errors)
+    if not h.has("method"):
+        h.error("method", "is required: one of TCP, OPTIONS, HEAD, GET")
+    method = h.get("method", _choice(HealthMethod), HealthMethod.TCP)
+    uri = h.get("uri", _uri, "/")
+    e = _Reader(h.raw("expect"), h.sub("expect"), spec.errors)
+    expect = HealthExpect(
+        status=e.get("status", _status_ranges, ((200, 399),)),
+        headers=e.get("headers", _header_patterns, ()),
+        body=e.get("body", _regex, None),
+    )
+    e.finish()
+    if method is HealthMethod.TCP and (h.has("uri") or h.has("expect")):
+        h.error("method", "TCP checks only connect: uri and expect need an HTTP method")
+    if method is HealthMethod.HEAD and expect.body is not None:
+        h.error("expect.body", "a HEAD response has no body: use GET")
+    check = HealthCheckSpec(
+        method=method,
+        uri=uri,
+        interval=h.get("interval", parse_duration, 30.0),
+        timeout=h.get("timeout", parse_duration, 5.0),
+        passes=h.get("passes", _int_range(1, 100), 1),
+        fails=h.get("fails", _int_range(1, 100), 1),
+        expect=expect,
+    )
+    if check.interval < 0.1:
+        h.error("interval", f"must be at least 100ms, got {check.interval:g}s")
+    if not 0 < check.timeout <= max(check.interval, 0.1):
+        h.error("timeout", f"must be more than 0 and at most the interval ({check.interval:g}s)")
+    h.finish()
+    return check
+
+
+def _uri(value: Any) -> str:
+    text = _string(value)
+    if not text.startswith("/") or any(c in text for c in " \r\n\t#"):
+        raise ValueError(f"must be an origin-form URI such as /health, got {text!r}")
+    return text
+
+
+_RANGE_RE = re.compile(r"^([1-5])xx\Z|^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?\Z")
+
+
+def _status_ranges(value: Any) -> tuple[tuple[int, int], ...]:
+    """``200``, ``"2xx"``, ``"200-299"``, or a list of them."""
+    items = value if isinstance(value, list) else [value]
+    ranges: list[tuple[int, int]] = []
+    for item in items:
+        m = _RANGE_RE.match(str(item)) if not isinstance(item, bool) else None
+        if m is None:
+            raise ValueError(f"must be status codes like 200, 2xx or 200-299, got {item!r}")
+        if m.group(1):
+            hundred = int(m.group(1)) * 100
+            ranges.append((hundred, hundred + 99))
+        else:
+            low = int(m.group(2))
+            high = int(m.group(3) or low)
+            if high < low:
+                raise ValueError(f"range {item!r} ends before it starts")
+            ranges.append((low, high))
+    if not ranges:
+        raise ValueError("needs at least one status")
+    return tuple(ranges)
+
+
+def _regex(value: Any) -> str:
+    text = _string(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"is not a valid regular expression ({exc}): {text!r}") from None
+    return text
+
+
+def _header_patterns(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must map header names to regular expressions, got {_kind(value)}")
+    out = []
+    for name, pattern in value.items():
+        if not isinstance(name, str) or not _TOKEN_RE.match(name):
+            raise ValueError(f"has an invalid header name {name!r}")
+        out.append((name, _regex(pattern)))
+    return tuple(out)
 
 
 def _parse_variables(spec: _Reader) -> BalancerVariables:

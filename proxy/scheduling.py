@@ -129,8 +129,9 @@ class MemberState:
             return max(1, int(self.lbfactor * max(0.1, (now - self.usable_since) / ramp)))
         return self.lbfactor
 
-    def adopt(self, old: MemberState) -> None:
-        """Keep counters and error state across a reload that kept this member."""
+    def adopt(self, old: MemberState, keep_health: bool) -> None:
+        """Keep counters and error state across a reload that kept this member; ``keep_health``
+        keeps a failed health check (C) while checks go on."""
         self.lbstatus = old.lbstatus
         self.busy = old.busy
         self.elected = old.elected
@@ -140,6 +141,8 @@ class MemberState:
         self.retries = old.retries
         self.usable_since = old.usable_since
         self.history = old.history
+        if keep_health and old.flags & C:
+            self.flags |= C
         if old.flags & E and not self.flags & I:
             self.flags |= E
             self.error_time = old.error_time
@@ -170,7 +173,7 @@ class PoolState:
             for member in self.members:
                 old = previous.by_name.get(member.name)
                 if old is not None and old.spec.url == member.spec.url:
-                    member.adopt(old)
+                    member.adopt(old, spec.health_check is not None)
                 else:
                     member.usable_since = now  # a member added at run time ramps up
 

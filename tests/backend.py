@@ -88,6 +88,19 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
         await asyncio.sleep(float(request.query.get("s", "1")))
         return web.Response(text=f"{name}\n", headers={"X-Backend": name})
 
+    health = {"status": 200, "body": "ready", "header": "yes"}
+
+    async def health_check(request: web.Request) -> web.Response:
+        record(request)
+        return web.Response(status=int(health["status"]), text=str(health["body"]),
+                            headers={"X-Ready": str(health["header"])})
+
+    async def set_health(request: web.Request) -> web.Response:
+        for key in health:
+            if key in request.query:
+                health[key] = request.query[key]
+        return web.json_response(health)
+
     async def info(request: web.Request) -> web.Response:
         return web.json_response({"name": name, "route": route, "pid": os.getpid(),
                                   "peers": sorted(peers)})
@@ -102,6 +115,8 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_get("/slow", slow)
     app.router.add_get("/_info", info)
+    app.router.add_route("*", "/health", health_check)
+    app.router.add_get("/_set_health", set_health)
     app.router.add_route("*", "/{tail:.*}", hello)
     return app
 
