@@ -88,12 +88,12 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
         await asyncio.sleep(float(request.query.get("s", "1")))
         return web.Response(text=f"{name}\n", headers={"X-Backend": name})
 
-    health = {"status": 200, "body": "ready", "header": "yes"}
+    health: dict[str, str] = {"status": "200", "body": "ready", "header": "yes"}
 
     async def health_check(request: web.Request) -> web.Response:
         record(request)
-        return web.Response(status=int(health["status"]), text=str(health["body"]),
-                            headers={"X-Ready": str(health["header"])})
+        return web.Response(status=int(health["status"]), text=health["body"],
+                            headers={"X-Ready": health["header"]})
 
     async def set_health(request: web.Request) -> web.Response:
         for key in health:
