@@ -16,10 +16,11 @@ from pathlib import Path
 
 from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
+from .health import OutlierDetector
 from .healthcheck import HealthChecker
 from .messages import Body, RequestHead, Response, local_response
 from .model import BalancerPool, FieldError, HashOn, InvalidBalancerPool, RouteSpec
-from .scheduling import UNUSABLE, MemberState, N, PoolState, Transition, flags_to_bits
+from .scheduling import UNUSABLE, E, MemberState, N, PoolState, Transition, flags_to_bits
 from .sticky import (
     NO_ROUTE,
     Reason,
@@ -88,6 +89,11 @@ class Pool:
             if self.connections.get(name) is not pool:
                 pool.close()
         self.state.listeners.append(self._member_changed)
+        self.outliers: OutlierDetector | None = None
+        if spec.outlier_detection is not None:
+            old_outliers = previous.outliers if previous is not None else None
+            self.outliers = old_outliers if old_outliers is not None and \
+                old_outliers.spec == spec.outlier_detection else OutlierDetector(spec.outlier_detection)
         self.checker: HealthChecker | None = None
         if spec.health_check is not None:
             old_checker = previous.checker if previous is not None else None
@@ -101,6 +107,17 @@ class Pool:
 
     def member_error(self, member: MemberState, now: float, signal: str, detail: str) -> None:
         member.mark_error(now, signal, detail)
+        self.observe(member, None, now)
+
+    def observe(self, member: MemberState, status: int | None, now: float) -> None:
+        """Feed outlier detection one outcome: a status, or None for a gateway failure."""
+        if self.outliers is None:
+            return
+        ejected = sum(1 for m in self.state.members if m.flags & E and m.last_change.signal == "outlier")
+        verdict = self.outliers.observe(member.name, status, now, ejected, len(self.state.members))
+        if verdict is not None:
+            seconds, why = verdict
+            member.mark_error(now, "outlier", f"{why}; ejected for {seconds:g}s", duration=seconds)
 
     def _member_changed(self, member: MemberState, change: Transition) -> None:
         """The moment a member turns unusable or starts draining, its idle pooled connections
@@ -333,6 +350,8 @@ class Forwarder:
                 if isinstance(exc, UpstreamTimeout):
                     if spec.failontimeout:
                         pool.member_error(member, clock(), "failontimeout", str(exc))
+                    else:
+                        pool.observe(member, None, clock())
                     return local_response(504, _REASONS[504], _explain(spec, 504, failures),
                                           {"pool": spec.name, "member": member.name,
                                            "reason": exc.kind, "attempts": len(tried) + 1})
@@ -341,6 +360,8 @@ class Forwarder:
                     tried.append(member)
                     if len(tried) <= spec.maxattempts:
                         continue
+                else:
+                    pool.observe(member, 502, clock())
                 return local_response(502, _REASONS[502], _explain(spec, 502, failures),
                                       {"pool": spec.name, "member": member.name,
                                        "reason": exc.kind, "attempts": len(tried) + 1})
@@ -350,7 +371,8 @@ class Forwarder:
                 raise
 
             if status in spec.failonstatus:
-                pool.member_error(member, clock(), "failonstatus", f"status {status}")
+                member.mark_error(clock(), "failonstatus", f"status {status}")
+            pool.observe(member, status, clock())
             assert reason is not None
             pool.route_reasons[reason] += 1
             response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .model import HealthExpect
+from .model import HealthExpect, OutlierDetectionSpec
 
 BODY_LIMIT = 64 * 1024
 
@@ -67,3 +67,49 @@ class HealthTracker:
             if not down and self.fail_run >= self.fails:
                 return False
         return None
+
+
+class OutlierDetector:
+    """Consecutive 5xx and gateway errors per member; says when and for how long to eject.
+
+    The ejection time is ``baseEjectionTime`` times the number of ejections so far, at most
+    ``maxEjectionTime``; a member that stays clean for ``maxEjectionTime`` starts from one again.
+    At most ``maxEjectionPercent`` of the members (never less than one) are ejected at once.
+    """
+
+    __slots__ = ("counts", "spec")
+
+    def __init__(self, spec: OutlierDetectionSpec) -> None:
+        self.spec = spec
+        #: name -> [consecutive 5xx, consecutive gateway errors, ejections, last ejection time]
+        self.counts: dict[str, list[float]] = {}
+
+    def observe(self, name: str, status: int | None, now: float, ejected_now: int, members: int
+                ) -> tuple[float, str] | None:
+        """``status`` None is a failed connect or a timeout. Returns (ejection seconds, why)
+        when the member must be ejected."""
+        c = self.counts.get(name)
+        if c is None:
+            c = self.counts[name] = [0, 0, 0, float("-inf")]
+        gateway = status is None or status in (502, 503, 504)
+        if status is not None and status < 500:
+            c[0] = c[1] = 0
+            return None
+        c[0] += 1
+        c[1] = c[1] + 1 if gateway else 0
+        spec = self.spec
+        why = ""
+        if spec.consecutive_gateway_errors and c[1] >= spec.consecutive_gateway_errors:
+            why = f"{int(c[1])} consecutive gateway errors"
+        elif spec.consecutive_5xx and c[0] >= spec.consecutive_5xx:
+            why = f"{int(c[0])} consecutive 5xx responses"
+        if not why:
+            return None
+        if ejected_now + 1 > max(1, members * spec.max_ejection_percent // 100):
+            return None  # too many ejected already: keep serving rather than empty the pool
+        if now - c[3] > spec.max_ejection_time:
+            c[2] = 0
+        c[2] += 1
+        c[3] = now
+        c[0] = c[1] = 0
+        return min(spec.base_ejection_time * c[2], spec.max_ejection_time), why

@@ -201,6 +201,19 @@ class HealthCheckSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetectionSpec:
+    """Passive ejection, as Envoy's outlier detection: counted from real traffic."""
+
+    #: Consecutive 5xx responses (0 = off).
+    consecutive_5xx: int = 5
+    #: Consecutive gateway errors: 502, 503, 504, failed connects and timeouts (0 = off).
+    consecutive_gateway_errors: int = 5
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True)
 class BalancerVariables:
     """Where httpd's six ``BALANCER_*`` variables go, besides the access log."""
 
@@ -229,6 +242,7 @@ class BalancerPool:
     hash: HashSpec | None = None
     balancer_variables: BalancerVariables = BalancerVariables()
     health_check: HealthCheckSpec | None = None
+    outlier_detection: OutlierDetectionSpec | None = None
     members: tuple[MemberSpec, ...] = field(default=())
 
     @property
@@ -688,6 +702,7 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool)
         hash=_parse_hash(spec) if spec.has("hash") else None,
         balancer_variables=_parse_variables(spec),
         health_check=_parse_health_check(spec) if spec.has("healthCheck") else None,
+        outlier_detection=_parse_outliers(spec) if spec.has("outlierDetection") else None,
         members=tuple(members),
     )
     _check_sticky(spec, pool)
@@ -783,6 +798,24 @@ def _parse_health_check(spec: _Reader) -> HealthCheckSpec:
         h.error("timeout", f"must be more than 0 and at most the interval ({check.interval:g}s)")
     h.finish()
     return check
+
+
+def _parse_outliers(spec: _Reader) -> OutlierDetectionSpec:
+    o = _Reader(spec.raw("outlierDetection"), spec.sub("outlierDetection"), spec.errors)
+    result = OutlierDetectionSpec(
+        consecutive_5xx=o.get("consecutive5xx", _int_range(0, 1000), 5),
+        consecutive_gateway_errors=o.get("consecutiveGatewayErrors", _int_range(0, 1000), 5),
+        base_ejection_time=o.get("baseEjectionTime", parse_duration, 30.0),
+        max_ejection_time=o.get("maxEjectionTime", parse_duration, 300.0),
+        max_ejection_percent=o.get("maxEjectionPercent", _int_range(0, 100), 10),
+    )
+    if result.max_ejection_time < result.base_ejection_time:
+        o.error("maxEjectionTime", f"must be at least baseEjectionTime "
+                                   f"({result.base_ejection_time:g}s), got {result.max_ejection_time:g}s")
+    if not result.consecutive_5xx and not result.consecutive_gateway_errors:
+        o.error("", "ejects nothing: set consecutive5xx or consecutiveGatewayErrors above 0")
+    o.finish()
+    return result
 
 
 def _uri(value: Any) -> str:

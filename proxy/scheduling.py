@@ -55,7 +55,8 @@ HISTORY = 32
 class MemberState:
     """A member's live scheduling state: httpd's ``proxy_worker_shared`` counters and flags."""
 
-    __slots__ = ("busy", "elected", "error_time", "errors", "flags", "history", "index", "lbfactor",
+    __slots__ = ("busy", "elected", "error_duration", "error_time", "errors", "flags", "history",
+                 "index", "lbfactor",
                  "lbset", "lbstatus", "name", "on_change", "read", "retries", "route", "spec",
                  "transferred", "usable_since")
 
@@ -77,6 +78,7 @@ class MemberState:
         self.retries = 0
         # A member configured in E starts its `retry` wait now.
         self.error_time = now
+        self.error_duration = spec.retry
         #: When the member last became usable, for slowstart; -inf: not ramping.
         self.usable_since = float("-inf")
         self.history: deque[Transition] = deque(
@@ -108,18 +110,21 @@ class MemberState:
     def last_change(self) -> Transition:
         return self.history[-1]
 
-    def mark_error(self, now: float, signal: str = "error", detail: str = "") -> bool:
-        """Put the member in ``E`` (unless it ignores errors); True when its state changed."""
+    def mark_error(self, now: float, signal: str = "error", detail: str = "",
+                   duration: float | None = None) -> bool:
+        """Put the member in ``E`` (unless it ignores errors) for ``duration`` (its ``retry``
+        by default); True when its state changed."""
         self.errors += 1
         if self.flags & I:
             return False
         self.error_time = now
+        self.error_duration = self.spec.retry if duration is None else duration
         return self.change(E, 0, now, signal, detail)
 
     def retry_if_due(self, now: float) -> None:
-        if self.flags & E and now >= self.error_time + self.spec.retry:
+        if self.flags & E and now >= self.error_time + self.error_duration:
             self.retries += 1
-            self.change(0, E, now, "retry", f"retry {self.spec.retry:g}s passed")
+            self.change(0, E, now, "retry", f"{self.error_duration:g}s in error passed")
 
     def factor(self, now: float) -> int:
         """lbfactor, ramped up over ``slowstart`` after the member became usable (at least 10%,
@@ -146,6 +151,7 @@ class MemberState:
         if old.flags & E and not self.flags & I:
             self.flags |= E
             self.error_time = old.error_time
+            self.error_duration = old.error_duration
 
 
 class PoolState:

@@ -136,3 +136,47 @@ async def test_health_state_survives_a_reload(backends: Backends, start_proxy: A
     assert bits_to_flags(proxy.member("a").flags) == "C"
     assert proxy.member("a").last_change.signal == "health-check"
     await proxy.server.forwarder.pools["test"].checker.stop()
+
+
+def test_outlier_detector_ejection_grows_and_is_capped() -> None:
+    from balancerpool.proxy.health import OutlierDetector
+    from balancerpool.proxy.model import OutlierDetectionSpec
+
+    d = OutlierDetector(OutlierDetectionSpec(consecutive_5xx=3, consecutive_gateway_errors=2,
+                                             base_ejection_time=10, max_ejection_time=25,
+                                             max_ejection_percent=50))
+    # A success in between resets the run.
+    assert [d.observe("a", s, 0, 0, 4) for s in (500, 500, 200, 500, 500)] == [None] * 5
+    assert d.observe("a", 500, 0, 0, 4) == (10, "3 consecutive 5xx responses")
+    # Gateway errors (failed connects are None) count on their own, and faster.
+    assert d.observe("b", None, 0, 0, 4) is None
+    assert d.observe("b", 503, 0, 0, 4) == (10, "2 consecutive gateway errors")
+    # Repeated ejection doubles, then hits the maximum.
+    assert [d.observe("a", 500, 1, 0, 4) for _ in range(3)][-1] == (20, "3 consecutive 5xx responses")
+    assert [d.observe("a", 500, 2, 0, 4) for _ in range(3)][-1] == (25, "3 consecutive 5xx responses")
+    # Clean for longer than the maximum: back to the base time.
+    assert [d.observe("a", 500, 100, 0, 4) for _ in range(3)][-1] == (10, "3 consecutive 5xx responses")
+    # 50% of 4 members: with two already ejected, a third is not.
+    assert [d.observe("c", None, 0, 2, 4) for _ in range(4)] == [None] * 4
+
+
+async def test_outlier_ejection_end_to_end(backends: Backends, start_proxy: Any,
+                                           client: aiohttp.ClientSession) -> None:
+    a, b = backends.start("a"), backends.start("b")
+    proxy = await start_proxy(pool_doc(
+        [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}],
+        outlierDetection={"consecutive5xx": 3, "consecutiveGatewayErrors": 0,
+                          "baseEjectionTime": "30s", "maxEjectionPercent": 50}))
+    # /status/500 answers 500 from whichever member gets it: each member sees 500s in turn.
+    statuses = [(await get(client, proxy.url + "/status/500"))[0] for _ in range(6)]
+    assert statuses == [500] * 6  # the response still reaches the client
+    ejected = [n for n in "ab" if "E" in bits_to_flags(proxy.member(n).flags)]
+    # Both reached three in a row, but at most 50% of two members may be out at once.
+    assert len(ejected) == 1
+    member = proxy.member(ejected[0])
+    assert member.last_change.signal == "outlier"
+    assert member.last_change.detail == "3 consecutive 5xx responses; ejected for 30s"
+    other = "b" if ejected[0] == "a" else "a"
+    assert {(await get(client, proxy.url + "/"))[1] for _ in range(4)} == {f"{other}\n"}
+    proxy.clock.advance(30)
+    assert f"{ejected[0]}\n" in {(await get(client, proxy.url + "/"))[1] for _ in range(4)}
