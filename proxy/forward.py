@@ -7,6 +7,7 @@ that member's pooled connections, and fails over on errors that provably lost no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -19,7 +20,15 @@ from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, re
 from .health import OutlierDetector
 from .healthcheck import HealthChecker
 from .messages import Body, RequestHead, Response, local_response
-from .model import BalancerPool, FieldError, HashOn, InvalidBalancerPool, RouteSpec
+from .model import (
+    BalancerPool,
+    FieldError,
+    HashOn,
+    InvalidBalancerPool,
+    MemberSpec,
+    RouteSpec,
+    check_members,
+)
 from .scheduling import UNUSABLE, E, MemberState, N, PoolState, Transition, flags_to_bits
 from .sticky import (
     NO_ROUTE,
@@ -81,14 +90,16 @@ class Pool:
         old = previous.connections if previous is not None else {}
         for member in spec.members:
             kept = old.get(member.name)
-            if kept is not None and kept.member == member:
+            if kept is not None and kept.same_connections(member):
+                kept.member = member  # e.g. a new loadfactor: the connections stay
                 self.connections[member.name] = kept
             else:
                 self.connections[member.name] = ConnectionPool(member, loop, clock)
         for name, pool in old.items():
             if self.connections.get(name) is not pool:
-                pool.close()
+                pool.close(spec.removal_grace)
         self.state.listeners.append(self._member_changed)
+        self.state.announce()
         self.outliers: OutlierDetector | None = None
         if spec.outlier_detection is not None:
             old_outliers = previous.outliers if previous is not None else None
@@ -129,11 +140,11 @@ class Pool:
                     change.before or "-", change.after or "-", change.signal, change.detail,
                     f"; {flushed} idle connections closed" if flushed else "")
 
-    def close(self) -> None:
+    def close(self, grace: float | None = None) -> None:
         if self.checker is not None and self.checker.task is not None:
             self.checker.task.cancel()
         for pool in self.connections.values():
-            pool.close()
+            pool.close(grace)
 
 
 def _authorities(host: str, port: int) -> tuple[str, ...]:
@@ -195,7 +206,7 @@ class Forwarder:
                                   keys.get(spec.name))
         for name, pool in self.pools.items():
             if name not in new:
-                pool.close()
+                pool.close(pool.spec.removal_grace)
             elif pool.checker is not None and pool.checker.task is not None:
                 pool.checker.task.cancel()  # the new pool runs its own
         for pool in new.values():
@@ -205,6 +216,24 @@ class Forwarder:
         self.router = Router(list(new.values()))
         if self._maintainer is None:
             self._maintainer = self.loop.create_task(self._maintain())
+
+    def set_members(self, pool_name: str, members: list[MemberSpec]) -> dict[str, list[str]]:
+        """Replace one pool's members in one step (the operator's EndpointSlice updates).
+
+        Members are matched by name: one that stays keeps its state and connections, a changed
+        one keeps them when its address and pool settings are unchanged, a removed one has its
+        idle connections closed at once and its in-flight requests cut after ``removalGrace``.
+        Raises InvalidBalancerPool when the new set breaks a rule (duplicate names or routes,
+        a redirect to a missing route)."""
+        pool = self.pools[pool_name]
+        spec = dataclasses.replace(pool.spec, members=tuple(members))
+        check_members(spec)
+        old = {m.name: m for m in pool.spec.members}
+        new = {m.name: m for m in members}
+        self.apply([spec if p.spec.name == pool_name else p.spec for p in self.pools.values()])
+        return {"added": [n for n in new if n not in old],
+                "changed": [n for n in new if n in old and old[n] != new[n]],
+                "removed": [n for n in old if n not in new]}
 
     async def close(self) -> None:
         if self._maintainer is not None:

@@ -243,6 +243,8 @@ class BalancerPool:
     balancer_variables: BalancerVariables = BalancerVariables()
     health_check: HealthCheckSpec | None = None
     outlier_detection: OutlierDetectionSpec | None = None
+    #: How long in-flight requests to a removed member may run before they are cut.
+    removal_grace: float = 30.0
     members: tuple[MemberSpec, ...] = field(default=())
 
     @property
@@ -703,6 +705,7 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool)
         balancer_variables=_parse_variables(spec),
         health_check=_parse_health_check(spec) if spec.has("healthCheck") else None,
         outlier_detection=_parse_outliers(spec) if spec.has("outlierDetection") else None,
+        removal_grace=spec.get("removalGrace", parse_duration, 30.0),
         members=tuple(members),
     )
     _check_sticky(spec, pool)
@@ -1029,6 +1032,14 @@ def _parse_connection_pool(m: _Reader) -> ConnectionPoolSpec:
         p.error("min", "pre-opened connections make no sense with disablereuse")
     p.finish()
     return pool
+
+
+def check_members(pool: BalancerPool) -> None:
+    """The cross-member rules, for member sets that arrive at run time (from Kubernetes)."""
+    errors: list[FieldError] = []
+    _check_members(_Reader({}, "spec", errors), list(pool.members))
+    if errors:
+        raise InvalidBalancerPool(errors)
 
 
 def _check_members(spec: _Reader, members: list[MemberSpec]) -> None:

@@ -157,8 +157,8 @@ class MemberState:
 class PoolState:
     """The members of one pool as the scheduler sees them, grouped into lbset tiers."""
 
-    __slots__ = ("_hash_cache", "by_name", "by_route", "lbmethod", "listeners", "members", "random",
-                 "spec", "tiers")
+    __slots__ = ("_hash_cache", "_reconfigured", "by_name", "by_route", "lbmethod", "listeners",
+                 "members", "random", "spec", "tiers")
 
     def __init__(self, spec: BalancerPool, previous: PoolState | None = None, now: float = 0.0) -> None:
         self.spec = spec
@@ -171,6 +171,7 @@ class PoolState:
         self.random = random.Random()
         #: Called after every member state change (flush connections, publish status ...).
         self.listeners: list[Callable[[MemberState, Transition], None]] = []
+        self._reconfigured: list[tuple[MemberState, Transition]] = []
         for member in self.members:
             member.on_change = self._changed
         self._hash_cache: OrderedDict[tuple[int, ...], Ring | Maglev] = OrderedDict()
@@ -180,8 +181,20 @@ class PoolState:
                 old = previous.by_name.get(member.name)
                 if old is not None and old.spec.url == member.spec.url:
                     member.adopt(old, spec.health_check is not None)
+                    if member.flags != old.flags:
+                        change = Transition(now, bits_to_flags(old.flags), bits_to_flags(member.flags),
+                                            "config", "status changed by a new configuration")
+                        member.history.append(change)
+                        self._reconfigured.append((member, change))
                 else:
                     member.usable_since = now  # a member added at run time ramps up
+
+    def announce(self) -> None:
+        """Tell the listeners about state changes a new configuration made (call once they
+        are registered): a member switched to draining must be flushed like any other."""
+        for member, change in self._reconfigured:
+            self._changed(member, change)
+        self._reconfigured.clear()
 
     def _changed(self, member: MemberState, transition: Transition) -> None:
         for listener in self.listeners:

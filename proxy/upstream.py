@@ -316,6 +316,9 @@ class ConnectionPool:
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.closing = False
         self.opened_total = 0
+        #: Every open connection, idle or busy: what a removal's grace period ends by cutting.
+        self.conns: set[UpstreamConnection] = set()
+        self._cut: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> int:
@@ -380,6 +383,7 @@ class ConnectionPool:
             self._slot_freed()
             raise
         self.opened_total += 1
+        self.conns.add(proto)
         return proto
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
@@ -404,6 +408,7 @@ class ConnectionPool:
         if not conn.counted:
             return
         conn.counted = False
+        self.conns.discard(conn)
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
         self._slot_freed()
@@ -426,14 +431,31 @@ class ConnectionPool:
             count += 1
         return count
 
-    def close(self) -> None:
-        """Stop pooling: idle connections close now, busy ones when their exchange ends."""
+    def close(self, grace: float | None = None) -> None:
+        """Stop pooling: idle connections close now, busy ones when their exchange ends, or are
+        cut once ``grace`` seconds have passed (a removed member's in-flight requests)."""
         self.closing = True
         self.close_idle()
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+        if grace is not None and self.conns and self._cut is None:
+            self._cut = self.loop.call_later(grace, self.cut)
+
+    def cut(self) -> int:
+        """Abort every connection still open; returns how many."""
+        conns = list(self.conns)
+        for conn in conns:
+            conn.abort()
+            self.drop(conn)
+        return len(conns)
+
+    def same_connections(self, member: MemberSpec) -> bool:
+        """Whether ``member`` would open the same connections (address and pool settings)."""
+        old = self.member
+        return (old.host, old.port, old.pool, old.connectiontimeout) == (
+            member.host, member.port, member.pool, member.connectiontimeout)
 
     async def maintain(self, now: float) -> None:
         """Retire idle connections past ``ttl`` (above ``smax``) and pre-open up to ``min``."""

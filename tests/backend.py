@@ -113,7 +113,7 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
     app.router.add_get("/redirect", redirect)
     app.router.add_get("/app/redirect", redirect)
     app.router.add_route("*", "/status/{code}", status)
-    app.router.add_get("/slow", slow)
+    app.router.add_route("*", "/slow", slow)
     app.router.add_get("/_info", info)
     app.router.add_route("*", "/health", health_check)
     app.router.add_get("/_set_health", set_health)
