@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
-from .health import OutlierDetector
+from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
 from .messages import Body, RequestHead, Response, local_response
 from .model import (
@@ -26,6 +26,7 @@ from .model import (
     HashOn,
     InvalidBalancerPool,
     MemberSpec,
+    RetryNonIdempotent,
     RouteSpec,
     check_members,
 )
@@ -105,6 +106,9 @@ class Pool:
             old_outliers = previous.outliers if previous is not None else None
             self.outliers = old_outliers if old_outliers is not None and \
                 old_outliers.spec == spec.outlier_detection else OutlierDetector(spec.outlier_detection)
+        old_budget = previous.budget if previous is not None else None
+        self.budget: RetryBudget = old_budget if old_budget is not None and old_budget.spec == spec.retry_budget \
+            else RetryBudget(spec.retry_budget)
         self.checker: HealthChecker | None = None
         if spec.health_check is not None:
             old_checker = previous.checker if previous is not None else None
@@ -289,13 +293,20 @@ class Forwarder:
         target = upstream_path + ("?" + head.query if head.query else "")
         fixed = self._fixed_headers(head, body, pool.drop)
         head_only = head.method == "HEAD"
-        idempotent = head.method in IDEMPOTENT
         has_body = body.length != 0
         tried: list[MemberState] = []
         failures: list[str] = []
         clock = self.clock
+        pool.budget.request(clock())
         deadline = clock() + spec.timeout
         body_started = False
+        # May this request go out again after its bytes did? Its method must allow it, and its
+        # body must still be at hand: buffered, when small enough (retryBufferSize).
+        method_ok = head.method in IDEMPOTENT or _non_idempotent_ok(head, spec)
+        buffered: bytes | None = None
+        if has_body and method_ok and body.length is not None and body.length <= spec.retry_buffer:
+            buffered = await _read_all(body)
+        resendable = method_ok and (not has_body or buffered is not None)
         session, signed, reason = self._session(head, pool) if pool.sticky else (NO_ROUTE, None, None)
         hash_key = _hash_key(head, spec) if spec.hash is not None else None
 
@@ -360,15 +371,21 @@ class Forwarder:
                 member.transferred += len(request_head)
                 if has_body:
                     body_started = True
-                    await self._send_body(conn, body, member)
+                    if buffered is not None:
+                        member.transferred += len(buffered)
+                        await conn.write(buffered, m.timeout)
+                    else:
+                        await self._send_body(conn, body, member)
                 status, reason_phrase, raw_headers = await conn.read_head(m.timeout)
             except UpstreamError as exc:
                 member.busy -= 1
                 conns.release(conn, False)
-                # A reused keep-alive connection that the backend closed before answering: the
-                # request may be re-sent on a fresh connection if nothing was lost doing so.
+                # A reused keep-alive connection that the backend closed before answering (the
+                # keep-alive race): re-sent on a fresh connection when nothing is lost doing so,
+                # that is when no body byte was consumed or the body is buffered.
                 if not exc.sent or (isinstance(exc, UpstreamClosed) and conn.reused
-                                    and not conn.received_any and not body_started and idempotent):
+                                    and not conn.received_any
+                                    and (not body_started or buffered is not None)):
                     # Idle connections at least as old as this one are as likely dead: flush them,
                     # so that the request goes out on a fresh connection.
                     flushed = conns.close_idle()
@@ -384,11 +401,13 @@ class Forwarder:
                     return local_response(504, _REASONS[504], _explain(spec, 504, failures),
                                           {"pool": spec.name, "member": member.name,
                                            "reason": exc.kind, "attempts": len(tried) + 1})
-                if isinstance(exc, UpstreamClosed) and not body_started and idempotent:
+                if isinstance(exc, UpstreamClosed) and not conn.received_any and resendable:
                     pool.member_error(member, clock(), "closed-before-response", str(exc))
                     tried.append(member)
-                    if len(tried) <= spec.maxattempts:
+                    if len(tried) <= spec.maxattempts and pool.budget.try_retry(clock()):
                         continue
+                    if len(tried) <= spec.maxattempts:
+                        failures.append("retry budget spent: not sent again")
                 else:
                     pool.observe(member, 502, clock())
                 return local_response(502, _REASONS[502], _explain(spec, 502, failures),
@@ -611,3 +630,18 @@ def load_session_keys(specs: list[BalancerPool]) -> dict[str, bytes]:
     if errors:
         raise InvalidBalancerPool(errors)
     return keys
+
+
+def _non_idempotent_ok(head: RequestHead, spec: BalancerPool) -> bool:
+    policy = spec.retry_non_idempotent
+    if policy is RetryNonIdempotent.ALWAYS:
+        return True
+    return policy is RetryNonIdempotent.WITH_IDEMPOTENCY_KEY and any(
+        n.lower() == "idempotency-key" and v.strip() for n, v in head.headers)
+
+
+async def _read_all(body: Body) -> bytes:
+    chunks = []
+    while chunk := await body.read():
+        chunks.append(chunk)
+    return b"".join(chunks)

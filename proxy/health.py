@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .model import HealthExpect, OutlierDetectionSpec
+from .model import HealthExpect, OutlierDetectionSpec, RetryBudgetSpec
 
 BODY_LIMIT = 64 * 1024
 
@@ -113,3 +113,42 @@ class OutlierDetector:
         c[3] = now
         c[0] = c[1] = 0
         return min(spec.base_ejection_time * c[2], spec.max_ejection_time), why
+
+
+class RetryBudget:
+    """Requests and retries over a sliding window of one-second buckets; a retry is allowed
+    while retries stay under the budget, so that failures do not turn into a retry storm."""
+
+    __slots__ = ("buckets", "spec")
+
+    def __init__(self, spec: RetryBudgetSpec) -> None:
+        self.spec = spec
+        #: second -> [requests, retries]
+        self.buckets: dict[int, list[int]] = {}
+
+    def _bucket(self, now: float) -> list[int]:
+        second = int(now)
+        bucket = self.buckets.get(second)
+        if bucket is None:
+            horizon = second - int(self.spec.window)
+            for old in [k for k in self.buckets if k <= horizon]:
+                del self.buckets[old]
+            bucket = self.buckets[second] = [0, 0]
+        return bucket
+
+    def request(self, now: float) -> None:
+        self._bucket(now)[0] += 1
+
+    def try_retry(self, now: float) -> bool:
+        """Spend one retry if the budget allows it."""
+        bucket = self._bucket(now)
+        horizon = now - self.spec.window
+        requests = retries = 0
+        for second, (req, ret) in self.buckets.items():
+            if second > horizon:
+                requests += req
+                retries += ret
+        if retries >= max(self.spec.min_retries, requests * self.spec.percent // 100):
+            return False
+        bucket[1] += 1
+        return True

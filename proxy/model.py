@@ -59,6 +59,15 @@ class HealthMethod(enum.StrEnum):
     GET = "GET"
 
 
+class RetryNonIdempotent(enum.StrEnum):
+    """When a request whose method is not idempotent may be sent again after its bytes went out."""
+
+    NEVER = "never"
+    #: Only with an ``Idempotency-Key`` header (the IETF draft): the client vouches for it.
+    WITH_IDEMPOTENCY_KEY = "withIdempotencyKey"
+    ALWAYS = "always"
+
+
 class SameSite(enum.StrEnum):
     STRICT = "Strict"
     LAX = "Lax"
@@ -214,6 +223,16 @@ class OutlierDetectionSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudgetSpec:
+    """Envoy's retry budget: retries may be at most ``percent`` of the requests of the last
+    ``window``, but ``min_retries`` are always allowed."""
+
+    percent: int = 20
+    min_retries: int = 3
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class BalancerVariables:
     """Where httpd's six ``BALANCER_*`` variables go, besides the access log."""
 
@@ -245,6 +264,10 @@ class BalancerPool:
     outlier_detection: OutlierDetectionSpec | None = None
     #: How long in-flight requests to a removed member may run before they are cut.
     removal_grace: float = 30.0
+    retry_non_idempotent: RetryNonIdempotent = RetryNonIdempotent.WITH_IDEMPOTENCY_KEY
+    #: Request bodies up to this size are buffered so that the request can be sent again.
+    retry_buffer: int = 64 * 1024
+    retry_budget: RetryBudgetSpec = RetryBudgetSpec()
     members: tuple[MemberSpec, ...] = field(default=())
 
     @property
@@ -706,6 +729,10 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool)
         health_check=_parse_health_check(spec) if spec.has("healthCheck") else None,
         outlier_detection=_parse_outliers(spec) if spec.has("outlierDetection") else None,
         removal_grace=spec.get("removalGrace", parse_duration, 30.0),
+        retry_non_idempotent=spec.get("retryNonIdempotent", _choice(RetryNonIdempotent),
+                                      RetryNonIdempotent.WITH_IDEMPOTENCY_KEY),
+        retry_buffer=spec.get("retryBufferSize", _size, 64 * 1024),
+        retry_budget=_parse_budget(spec),
         members=tuple(members),
     )
     _check_sticky(spec, pool)
@@ -819,6 +846,33 @@ def _parse_outliers(spec: _Reader) -> OutlierDetectionSpec:
         o.error("", "ejects nothing: set consecutive5xx or consecutiveGatewayErrors above 0")
     o.finish()
     return result
+
+
+def _parse_budget(spec: _Reader) -> RetryBudgetSpec:
+    b = _Reader(spec.raw("retryBudget"), spec.sub("retryBudget"), spec.errors)
+    result = RetryBudgetSpec(percent=b.get("percent", _int_range(0, 100), 20),
+                             min_retries=b.get("minRetries", _int_range(0, 1_000_000), 3),
+                             window=b.get("window", parse_duration, 10.0))
+    if result.window < 1:
+        b.error("window", f"must be at least 1s, got {result.window:g}s")
+    b.finish()
+    return result
+
+
+_SIZE_RE = re.compile(r"^([0-9]+)(|B|KiB|MiB|Ki|Mi|k|K|M)\Z")
+_SIZE_UNITS = {"": 1, "B": 1, "k": 1000, "K": 1024, "Ki": 1024, "KiB": 1024, "M": 1024**2,
+               "Mi": 1024**2, "MiB": 1024**2}
+
+
+def _size(value: Any) -> int:
+    """Bytes: ``65536``, ``64Ki`` / ``64KiB``, ``1Mi`` / ``1MiB``."""
+    m = _SIZE_RE.match(str(value)) if not isinstance(value, bool) else None
+    if m is None:
+        raise ValueError(f"must be a size such as 65536, 64KiB or 1MiB, got {value!r}")
+    size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    if size > 64 * 1024**2:
+        raise ValueError(f"must be at most 64MiB, got {value!r}")
+    return size
 
 
 def _uri(value: Any) -> str:
