@@ -107,8 +107,8 @@ class Pool:
             self.outliers = old_outliers if old_outliers is not None and \
                 old_outliers.spec == spec.outlier_detection else OutlierDetector(spec.outlier_detection)
         old_budget = previous.budget if previous is not None else None
-        self.budget: RetryBudget = old_budget if old_budget is not None and old_budget.spec == spec.retry_budget \
-            else RetryBudget(spec.retry_budget)
+        self.budget: RetryBudget = old_budget if old_budget is not None and \
+            old_budget.spec == spec.retry_budget else RetryBudget(spec.retry_budget)
         self.checker: HealthChecker | None = None
         if spec.health_check is not None:
             old_checker = previous.checker if previous is not None else None

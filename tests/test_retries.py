@@ -84,7 +84,7 @@ async def post(client: aiohttp.ClientSession, url: str, body: bytes, **headers: 
 async def test_get_fails_over_after_the_member_dropped_it(
         start_proxy: Any, backends: Backends, dropping: DroppingBackend,
         client: aiohttp.ClientSession) -> None:
-    proxy, good = await pool_with_dropper(start_proxy, backends, dropping)
+    proxy, _ = await pool_with_dropper(start_proxy, backends, dropping)
     async with client.get(proxy.url + "/") as resp:
         assert (resp.status, await resp.text()) == (200, "good\n")
     assert dropping.seen == ["GET"]
@@ -115,7 +115,7 @@ async def test_post_is_sent_again_only_when_safe(
 async def test_retry_budget_stops_a_retry_storm(
         start_proxy: Any, backends: Backends, dropping: DroppingBackend,
         client: aiohttp.ClientSession) -> None:
-    proxy, good = await pool_with_dropper(
+    proxy, _ = await pool_with_dropper(
         start_proxy, backends, dropping, retryBudget={"percent": 0, "minRetries": 1},
         memberDefaults={"retry": "0s"})
     statuses = []
