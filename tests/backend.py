@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
         return web.Response(status=int(request.match_info["code"]), text=f"{name}\n",
                             headers={"X-Backend": name})
 
+    async def order(request: web.Request) -> web.Response:
+        """A non-idempotent action: each executed order is logged with its id."""
+        order_id = (await request.read()).decode()
+        await asyncio.sleep(0.01)
+        record(request, {"order": order_id})
+        return web.Response(text=f"{name} {order_id}\n")
+
     async def slow(request: web.Request) -> web.Response:
         record(request)
         await asyncio.sleep(float(request.query.get("s", "1")))
@@ -114,6 +122,7 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
     app.router.add_get("/app/redirect", redirect)
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("*", "/slow", slow)
+    app.router.add_post("/order", order)
     app.router.add_get("/_info", info)
     app.router.add_route("*", "/health", health_check)
     app.router.add_get("/_set_health", set_health)
@@ -133,7 +142,12 @@ async def main() -> None:
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port).start()
     print("ready", flush=True)
-    await asyncio.Event().wait()
+    # SIGTERM is a graceful stop, as real servers do: stop listening, finish what is in flight,
+    # close idle keep-alive connections, exit.
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await runner.cleanup()
 
 
 if __name__ == "__main__":
