@@ -41,6 +41,12 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError("proxy did not become ready")
 
 
+def spawn_proxy(pool: Path, port: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "balancerpool.proxy", "--log-level", "WARNING",
+                             "proxy", str(pool), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 async def test_kill_and_sigterm_under_load_lose_nothing(tmp_path: Path, backends: Backends) -> None:
     a, b, c = (backends.start(n) for n in "abc")
     port = free_port()
@@ -48,9 +54,7 @@ async def test_kill_and_sigterm_under_load_lose_nothing(tmp_path: Path, backends
     pool.write_text(yaml.safe_dump(pool_doc(
         [{"url": x.url, "name": x.name} for x in (a, b, c)],
         memberDefaults={"retry": "1s", "connectiontimeout": "1s", "timeout": "10s"})))
-    proxy = subprocess.Popen([sys.executable, "-m", "balancerpool.proxy", "--log-level", "WARNING",
-                              "proxy", str(pool), "--listen", f"127.0.0.1:{port}"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proxy = spawn_proxy(pool, port)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url + "/", proxy)
@@ -98,8 +102,9 @@ async def test_kill_and_sigterm_under_load_lose_nothing(tmp_path: Path, backends
 
         connector = aiohttp.TCPConnector(limit=WORKERS)
         async with aiohttp.ClientSession(connector=connector) as session:
-            done = await asyncio.gather(faults(), *(worker(n, session) for n in range(WORKERS)))
-        marks = done[0]
+            fault_task = asyncio.create_task(faults())
+            await asyncio.gather(*(worker(n, session) for n in range(WORKERS)))
+            marks = await fault_task
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.wait(15)
