@@ -7,6 +7,7 @@ that member's pooled connections, and fails over on errors that provably lost no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,7 +20,7 @@ from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
 from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
-from .messages import Body, RequestHead, Response, local_response
+from .messages import Body, ClientStream, RequestHead, Response, local_response
 from .model import (
     BalancerPool,
     FieldError,
@@ -99,6 +100,10 @@ class Pool:
         for name, pool in old.items():
             if self.connections.get(name) is not pool:
                 pool.close(spec.removal_grace)
+        #: Upgraded connections (WebSockets) by member name.
+        self.tunnels: dict[str, set[Tunnel]] = previous.tunnels if previous is not None else {}
+        for name in [n for n in self.tunnels if n not in self.connections]:
+            self.close_tunnels(name, "member removed")
         self.state.listeners.append(self._member_changed)
         self.state.announce()
         self.outliers: OutlierDetector | None = None
@@ -140,9 +145,26 @@ class Pool:
         before, after = flags_to_bits(change.before), flags_to_bits(change.after)
         gone = (after & UNUSABLE and not before & UNUSABLE) or (after & N and not before & N)
         flushed = self.connections[member.name].close_idle() if gone else 0
+        if after & UNUSABLE and not before & UNUSABLE:
+            self.close_tunnels(member.name, f"member {change.after}: {change.signal}")
         log.warning("pool %s: member %s %s -> %s (%s: %s)%s", self.spec.name, member.name,
                     change.before or "-", change.after or "-", change.signal, change.detail,
                     f"; {flushed} idle connections closed" if flushed else "")
+
+    def close_tunnels(self, name: str, why: str) -> None:
+        """Close a member's WebSockets toward their clients with 1001 (Going Away) once the
+        grace has passed, at most ``closeRate`` a second, so that clients reconnect to a live
+        member rather than all at the same instant."""
+        tunnels = list(self.tunnels.get(name, ()))
+        if not tunnels:
+            return
+        ws = self.spec.websockets
+        loop = asyncio.get_running_loop()
+        step = 1.0 / ws.close_rate if ws.close_rate else 0.0
+        log.warning("pool %s: %d WebSockets of member %s close in %gs (%s)", self.spec.name,
+                    len(tunnels), name, ws.close_grace, why)
+        for i, tunnel in enumerate(tunnels):
+            loop.call_later(ws.close_grace + i * step, tunnel.going_away)
 
     def close(self, grace: float | None = None) -> None:
         if self.checker is not None and self.checker.task is not None:
@@ -508,6 +530,9 @@ class Forwarder:
         if head.host:
             lines.append(f"X-Forwarded-Host: {forwarded_for(head.headers, head.host, 'x-forwarded-host')}")
         lines.append(f"X-Forwarded-Proto: {head.scheme}")
+        if is_websocket_upgrade(head):
+            lines.append("Upgrade: websocket")
+            lines.append("Connection: Upgrade")
         if body.length is None:
             lines.append("Transfer-Encoding: chunked")
         elif body.length or head.method in ("POST", "PUT", "PATCH"):
@@ -553,6 +578,9 @@ class Forwarder:
         timeout = member.spec.timeout
         bodiless = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         spec = pool.spec
+        if status == 101 and conn.upgraded and is_websocket_upgrade(head):
+            out += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+            return self._tunnel(pool, member, conns, conn, reason, out, attempts)
 
         async def chunks() -> AsyncIterator[bytes]:
             if bodiless:
@@ -573,6 +601,30 @@ class Forwarder:
         info: dict[str, object] = {"pool": spec.name, "member": member.name, "attempts": attempts}
         return Response(status, reason.decode("latin-1") or "", out,
                         0 if bodiless and head.method != "HEAD" else length, chunks, finish, info)
+
+    def _tunnel(self, pool: Pool, member: MemberState, conns: ConnectionPool,
+                conn: UpstreamConnection, reason: bytes, headers: list[tuple[str, str]],
+                attempts: int) -> Response:
+        """A 101: after the head, bytes flow both ways until either side closes. The tunnel
+        counts as busy on its member (bybusyness sees WebSockets) until it ends."""
+        tunnel = Tunnel(conn)
+
+        async def upgrade(client: ClientStream) -> None:
+            tunnel.client = client
+            pool.tunnels.setdefault(member.name, set()).add(tunnel)
+            try:
+                await tunnel.run(member)
+            finally:
+                pool.tunnels.get(member.name, set()).discard(tunnel)
+
+        def finish(ok: bool) -> None:
+            member.busy -= 1
+            conns.release(conn, False)  # never pooled again
+
+        info: dict[str, object] = {"pool": pool.spec.name, "member": member.name,
+                                   "attempts": attempts, "upgrade": "websocket"}
+        return Response(101, reason.decode("latin-1") or "Switching Protocols", headers, None,
+                        finish=finish, info=info, upgrade=upgrade)
 
     @staticmethod
     def _unavailable(spec: BalancerPool, failures: list[str], attempts: int) -> Response:
@@ -645,3 +697,70 @@ async def _read_all(body: Body) -> bytes:
     while chunk := await body.read():
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def is_websocket_upgrade(head: RequestHead) -> bool:
+    """RFC 6455 §4.1: GET with ``Upgrade: websocket`` and ``Connection: Upgrade``."""
+    if head.method != "GET":
+        return False
+    upgrade = connection = False
+    for name, value in head.headers:
+        low = name.lower()
+        if low == "upgrade" and "websocket" in value.lower():
+            upgrade = True
+        elif low == "connection" and "upgrade" in value.lower():
+            connection = True
+    return upgrade and connection
+
+
+#: A WebSocket close frame from the server (unmasked), status 1001 Going Away.
+GOING_AWAY = b"\x88\x02\x03\xe9"
+
+
+class Tunnel:
+    """One upgraded connection: the client's stream and the member's connection."""
+
+    def __init__(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.client: ClientStream | None = None
+        self.closed = False
+        self.closing: asyncio.Future[None] | None = None
+
+    async def run(self, member: MemberState) -> None:
+        client = self.client
+        assert client is not None
+        conn = self.conn
+
+        async def up() -> None:
+            while data := await client.read():
+                member.transferred += len(data)
+                await conn.write(data, 0)
+
+        async def down() -> None:
+            while data := await conn.read_body(0):
+                member.read += len(data)
+                await client.write(data)
+
+        tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.closed = True
+            conn.close()
+            client.close()
+
+    def going_away(self) -> None:
+        """Tell the client the member went away (1001), then close both sides."""
+        if self.closed or self.client is None:
+            return
+        self.closed = True
+        self.closing = asyncio.ensure_future(self._send_going_away(self.client))
+
+    async def _send_going_away(self, client: ClientStream) -> None:
+        with contextlib.suppress(Exception):
+            await client.write(GOING_AWAY)
+        client.close()
+        self.conn.close()

@@ -7,7 +7,7 @@ hands the core a parsed :class:`RequestHead` and a :class:`Body`, and gets back 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +33,19 @@ class Body(Protocol):
     async def read(self) -> bytes:
         """The next chunk, or b"" at the end."""
         ...
+
+
+class ClientStream(Protocol):
+    """The client's side of an upgraded connection (WebSocket), as the front end hands it over
+    after writing a 101 response: raw bytes both ways."""
+
+    async def read(self) -> bytes:
+        """The next bytes from the client, or b"" when it closed."""
+        ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class EmptyBody:
@@ -63,6 +76,9 @@ class Response:
     finish: Callable[[bool], None] = field(default=lambda ok: None)
     #: Facts for the access log and metrics: pool, member, attempts, ...
     info: dict[str, object] = field(default_factory=dict)
+    #: For a 101 response: run with the client's stream once the head is written; the tunnel
+    #: lasts until this returns (then ``finish``).
+    upgrade: Callable[[ClientStream], Awaitable[None]] | None = None
 
 
 def local_response(status: int, reason: str, text: str, info: dict[str, object] | None = None,

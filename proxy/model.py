@@ -233,6 +233,17 @@ class RetryBudgetSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketSpec:
+    """Upgraded connections when their member is removed or goes down."""
+
+    #: How long they may go on before the proxy closes them toward the client (code 1001).
+    close_grace: float = 5.0
+    #: At most this many closed per second, so that a scale event does not drop every stream at
+    #: once (0 = no limit).
+    close_rate: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class BalancerVariables:
     """Where httpd's six ``BALANCER_*`` variables go, besides the access log."""
 
@@ -268,6 +279,7 @@ class BalancerPool:
     #: Request bodies up to this size are buffered so that the request can be sent again.
     retry_buffer: int = 64 * 1024
     retry_budget: RetryBudgetSpec = RetryBudgetSpec()
+    websockets: WebSocketSpec = WebSocketSpec()
     members: tuple[MemberSpec, ...] = field(default=())
 
     @property
@@ -733,6 +745,7 @@ def _parse_spec(spec: _Reader, name: str, namespace: str | None, has_spec: bool)
                                       RetryNonIdempotent.WITH_IDEMPOTENCY_KEY),
         retry_buffer=spec.get("retryBufferSize", _size, 64 * 1024),
         retry_budget=_parse_budget(spec),
+        websockets=_parse_websockets(spec),
         members=tuple(members),
     )
     _check_sticky(spec, pool)
@@ -846,6 +859,20 @@ def _parse_outliers(spec: _Reader) -> OutlierDetectionSpec:
         o.error("", "ejects nothing: set consecutive5xx or consecutiveGatewayErrors above 0")
     o.finish()
     return result
+
+
+def _parse_websockets(spec: _Reader) -> WebSocketSpec:
+    w = _Reader(spec.raw("websockets"), spec.sub("websockets"), spec.errors)
+    result = WebSocketSpec(close_grace=w.get("closeGrace", parse_duration, 5.0),
+                           close_rate=w.get("closeRate", _rate, 0.0))
+    w.finish()
+    return result
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100_000:
+        raise ValueError(f"must be a number of closes per second, 0..100000, got {value!r}")
+    return float(value)
 
 
 def _parse_budget(spec: _Reader) -> RetryBudgetSpec:

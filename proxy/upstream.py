@@ -84,6 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received_any = False
+        #: After a 101 response: raw bytes, no more HTTP (a WebSocket tunnel).
+        self.upgraded = False
         self.error: UpstreamError | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
@@ -105,13 +107,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received_any = True
+        if self.upgraded:
+            self.on_body(data)
+            return
         if self.head_done and self.head_only:
             self._fail(UpstreamProtocolError("backend sent data after a bodiless response"))
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.status == 101:
+                self.upgraded = True
+                rest = data[upgrade.args[0]:] if upgrade.args else b""
+                if rest:
+                    self.on_body(rest)
+            else:
+                self._fail(UpstreamProtocolError(f"backend upgraded without a 101 ({self.status})"))
+            return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"malformed response from backend: {exc}"))
             return
@@ -120,6 +132,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._message_done(keep_alive=self.parser.should_keep_alive())
 
     def eof_received(self) -> bool:
+        if self.upgraded:
+            self.complete = True  # the tunnel's end: read_body returns b""
+            self._wake()
+            return False
         if self.head_done and not self.complete:
             with contextlib.suppress(httptools.HttpParserError):
                 self.parser.feed_data(b"")  # ends a read-until-close body
@@ -131,7 +147,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if not self.complete and self.error is None:
+        if self.upgraded:
+            self.complete = True
+            self._wake()
+        elif not self.complete and self.error is None:
             self._fail(UpstreamClosed(f"connection to backend lost: {exc or 'closed'}"))
         self._wake_drain()
         self.pool.drop(self)
@@ -189,6 +208,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received_any = False
+        self.upgraded = False
         self.error = None
         self.chunks.clear()
         self.buffered = 0
