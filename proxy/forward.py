@@ -52,6 +52,7 @@ from .upstream import (
     UpstreamClosed,
     UpstreamConnection,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeout,
 )
 
@@ -430,6 +431,9 @@ class Forwarder:
                         continue
                     if len(tried) <= spec.maxattempts:
                         failures.append("retry budget spent: not sent again")
+                elif isinstance(exc, UpstreamProtocolError):
+                    # A malformed or oversized response head: the member is broken.
+                    pool.member_error(member, clock(), "bad-response", str(exc))
                 else:
                     pool.observe(member, 502, clock())
                 return local_response(502, _REASONS[502], _explain(spec, 502, failures),

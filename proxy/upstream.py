@@ -25,6 +25,10 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 #: Transport write buffer size above which the request body writer waits.
 WRITE_HIGH_WATER = 256 * 1024
+#: A response head larger than this, or with more fields, is refused: a broken or hostile backend
+#: must not make the proxy buffer without bound.
+MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_FIELDS = 256
 
 
 class UpstreamError(Exception):
@@ -84,6 +88,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received_any = False
+        #: Sizes of the parsed fields, and of everything received before the head completed.
+        self.head_bytes = 0
+        self.head_received = 0
         #: After a 101 response: raw bytes, no more HTTP (a WebSocket tunnel).
         self.upgraded = False
         self.error: UpstreamError | None = None
@@ -127,6 +134,15 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"malformed response from backend: {exc}"))
             return
+        if not self.head_done:
+            # Bytes received without a complete head: one that never ends must not grow forever.
+            self.head_received += len(data)
+            if (self.head_received > MAX_RESPONSE_HEAD or self.head_bytes > MAX_RESPONSE_HEAD
+                    or len(self.headers) > MAX_RESPONSE_FIELDS):
+                self._fail(UpstreamProtocolError(
+                    f"response head over {MAX_RESPONSE_HEAD // 1024} KiB or "
+                    f"{MAX_RESPONSE_FIELDS} fields"))
+                return
         if self.head_done and self.head_only and not self.complete:
             # httptools cannot be told that a HEAD response has no body: end it here.
             self._message_done(keep_alive=self.parser.should_keep_alive())
@@ -169,10 +185,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
         if len(name) == 10 and name.lower() == b"keep-alive":
             self.keepalive_timeout = keepalive_timeout(value)
 
     def on_headers_complete(self) -> None:
+        if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_FIELDS:
+            return  # data_received refuses it; it must never count as a head
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
@@ -184,6 +203,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if not body:
+            return  # httptools reports one at EOF; queued, it would read as the body's end
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and not self.reading_paused and self.transport is not None:
@@ -208,6 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.received_any = False
+        self.head_bytes = self.head_received = 0
         self.upgraded = False
         self.error = None
         self.chunks.clear()
@@ -229,10 +251,16 @@ class UpstreamConnection(asyncio.Protocol):
                 raise UpstreamClosed("backend closed the connection while the request was sent")
 
     async def read_head(self, timeout: float) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """The response head, which must be complete within ``timeout`` in all: a head that
+        drips in a byte at a time does not reset the clock."""
+        deadline = self.loop.time() + timeout if timeout > 0 else 0.0
         while not self.head_done:
             if self.error is not None:
                 raise self.error
-            await self._wait_data(timeout, "waiting for the response head")
+            left = deadline - self.loop.time() if deadline else 0.0
+            if deadline and left <= 0:
+                raise UpstreamTimeout(f"backend did not send a response head within {timeout:g}s")
+            await self._wait_data(left, "waiting for the response head")
         return self.status, self.reason, self.headers
 
     async def read_body(self, timeout: float) -> bytes:
