@@ -21,6 +21,7 @@ from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, re
 from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
 from .messages import Body, ClientStream, RequestHead, Response, local_response
+from .metrics import ProxyMetrics
 from .model import (
     BalancerPool,
     FieldError,
@@ -220,6 +221,8 @@ class Forwarder:
         self.clock = clock
         #: Wall-clock time for signed session cookies, which must agree across replicas.
         self.wallclock = wallclock
+        #: Per-request Prometheus metrics, when the admin listener turned them on.
+        self.metrics: ProxyMetrics | None = None
         self.pools: dict[str, Pool] = {}
         self.router = Router([])
         self._maintainer: asyncio.Task[None] | None = None
@@ -285,7 +288,8 @@ class Forwarder:
     # --- the request path -----------------------------------------------------------------------
 
     async def handle(self, head: RequestHead, body: Body) -> Response:
-        if not accesslog.enabled():
+        log_on, metrics = accesslog.enabled(), self.metrics
+        if not log_on and metrics is None:
             return await self._handle(head, body)
         started = time.monotonic()
         response = await self._handle(head, body)
@@ -299,7 +303,10 @@ class Forwarder:
 
         def logged(ok: bool) -> None:
             finish(ok)
-            accesslog.record(head, status, sent[0], started, info, ok)
+            if log_on:
+                accesslog.record(head, status, sent[0], started, info, ok)
+            if metrics is not None:
+                metrics.observe(status, started, info, ok)
 
         response.chunks, response.finish = counted, logged
         return response

@@ -364,6 +364,8 @@ class ConnectionPool:
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.closing = False
         self.opened_total = 0
+        #: Idle connections closed by flushes (a member turned unusable, a keep-alive race).
+        self.flushed_total = 0
         #: Every open connection, idle or busy: what a removal's grace period ends by cutting.
         self.conns: set[UpstreamConnection] = set()
         self._cut: asyncio.TimerHandle | None = None
@@ -477,6 +479,7 @@ class ConnectionPool:
             conn.close()
             self.drop(conn)
             count += 1
+        self.flushed_total += count
         return count
 
     def close(self, grace: float | None = None) -> None:

@@ -1,0 +1,224 @@
+"""Prometheus metrics: one registry per Forwarder.
+
+What the proxy already counts (member state, busy, connections, WebSockets, route decisions,
+health-check results, elected and error counters) is read at scrape time by a custom collector,
+so the request path does no extra work for it. Only what exists nowhere else — requests by
+status class, latency, retries, failovers — is counted per request, by :meth:`ProxyMetrics.observe`
+called from the access-log wrapper point of ``Forwarder.handle`` (or by :meth:`ProxyMetrics.instrument`
+around any ``handle``).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .messages import Body, RequestHead, Response
+from .scheduling import FLAG_BITS
+
+if TYPE_CHECKING:
+    from .forward import Forwarder
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Seconds: from 1 ms (a pooled connection to a near backend) to a minute (httpd's timeout).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+
+
+class ProxyMetrics:
+    """The registry of one Forwarder, with its per-request counters."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "balancerpool_requests", "Requests answered, by pool, member and status class "
+            "(member is empty for a local answer: no route, no usable member).",
+            ["pool", "member", "code"], registry=self.registry)
+        self.latency = Histogram(
+            "balancerpool_request_duration_seconds",
+            "From the request head to the last byte of the response, by pool and member.",
+            ["pool", "member"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.retries = Counter(
+            "balancerpool_retries", "Attempts beyond the first: a request sent to another member "
+            "after a failed connect or a connection closed before any response.",
+            ["pool"], registry=self.registry)
+        self.failovers = Counter(
+            "balancerpool_failovers", "Requests a member answered after at least one other "
+            "member failed them.", ["pool"], registry=self.registry)
+        self.incomplete = Counter(
+            "balancerpool_responses_incomplete", "Responses whose body did not reach the client "
+            "in full (client gone, member closed, timeout).", ["pool", "member"],
+            registry=self.registry)
+        self.manager_changes = Counter(
+            "balancerpool_manager_changes", "Changes made through the balancer-manager, by pool "
+            "and what changed (member, pool, add-member).", ["pool", "kind"], registry=self.registry)
+        self.registry.register(StateCollector(forwarder))
+
+    def observe(self, status: int, started: float, info: dict[str, object], ok: bool) -> None:
+        """One finished response; ``started`` is ``time.monotonic()`` when the request came in,
+        ``info`` the Response's facts (pool, member, attempts, route_reason ...)."""
+        pool = str(info.get("pool", ""))
+        member = str(info.get("member", ""))
+        self.requests.labels(pool, member, _CLASSES.get(status // 100, "other")).inc()
+        self.latency.labels(pool, member).observe(time.monotonic() - started)
+        attempts = info.get("attempts", 0)
+        if isinstance(attempts, int) and attempts > 1:
+            self.retries.labels(pool).inc(attempts - 1)
+            if "route_reason" in info:  # a member answered: the request failed over to it
+                self.failovers.labels(pool).inc()
+        if not ok:
+            self.incomplete.labels(pool, member).inc()
+
+    def instrument(self, handle: Callable[[RequestHead, Body], Awaitable[Response]]
+                   ) -> Callable[[RequestHead, Body], Awaitable[Response]]:
+        """``handle`` (``Forwarder.handle``) observed: for front ends that cannot call
+        :meth:`observe` from inside ``handle`` itself."""
+
+        async def observed(head: RequestHead, body: Body) -> Response:
+            started = time.monotonic()
+            response = await handle(head, body)
+            finish, info, status = response.finish, response.info, response.status
+
+            def finished(ok: bool) -> None:
+                finish(ok)
+                self.observe(status, started, info, ok)
+
+            response.finish = finished
+            return response
+
+        return observed
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
+
+
+_by_forwarder: weakref.WeakKeyDictionary[Forwarder, ProxyMetrics] = weakref.WeakKeyDictionary()
+
+
+def enable(forwarder: Forwarder) -> ProxyMetrics:
+    """The forwarder's metrics, created on first use (idempotent)."""
+    metrics = _by_forwarder.get(forwarder)
+    if metrics is None:
+        metrics = _by_forwarder[forwarder] = ProxyMetrics(forwarder)
+    return metrics
+
+
+def get(forwarder: Forwarder) -> ProxyMetrics | None:
+    """The forwarder's metrics when :func:`enable` was called, else None."""
+    return _by_forwarder.get(forwarder)
+
+
+class StateCollector(Collector):
+    """Reads the live state of every pool at scrape time."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = weakref.ref(forwarder)
+
+    def describe(self) -> list[Metric]:
+        return []  # the families depend on the pools in force: nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        forwarder = self.forwarder()
+        if forwarder is None:
+            return
+        yield from _collect(forwarder)
+
+
+def _collect(forwarder: Forwarder) -> Iterator[Metric]:
+    m = ["pool", "member"]
+    usable = GaugeMetricFamily("balancerpool_member_usable",
+                               "1 when the member may take new requests (none of D S E C).", labels=m)
+    flag = GaugeMetricFamily("balancerpool_member_status",
+                             "The member's status flags (D S I H R E N C), 1 when set.",
+                             labels=[*m, "flag"])
+    since = GaugeMetricFamily("balancerpool_member_status_age_seconds",
+                              "Seconds since the member's status flags last changed.", labels=m)
+    loadfactor = GaugeMetricFamily("balancerpool_member_loadfactor", "The member's loadfactor.",
+                                   labels=m)
+    lbset = GaugeMetricFamily("balancerpool_member_lbset", "The member's lbset.", labels=m)
+    busy = GaugeMetricFamily("balancerpool_member_busy",
+                             "Requests in flight to the member (WebSockets included).", labels=m)
+    elected = CounterMetricFamily("balancerpool_member_elected",
+                                  "Times the scheduler chose the member.", labels=m)
+    errors = CounterMetricFamily("balancerpool_member_errors",
+                                 "Errors that counted against the member (connect errors, "
+                                 "failonstatus, timeouts, outlier ejections).", labels=m)
+    error_retries = CounterMetricFamily("balancerpool_member_error_retries",
+                                        "Times the member left E after its retry time.", labels=m)
+    sent = CounterMetricFamily("balancerpool_member_sent_bytes",
+                               "Bytes sent to the member (request heads and bodies).", labels=m)
+    received = CounterMetricFamily("balancerpool_member_received_bytes",
+                                   "Response body bytes received from the member.", labels=m)
+    conn_open = GaugeMetricFamily("balancerpool_upstream_connections_open",
+                                  "Pooled connections open to the member, idle or busy.", labels=m)
+    conn_idle = GaugeMetricFamily("balancerpool_upstream_connections_idle",
+                                  "Pooled connections idle, ready for reuse.", labels=m)
+    opened = CounterMetricFamily("balancerpool_upstream_connections_opened",
+                                 "Connections opened to the member by its current pool.", labels=m)
+    flushed = CounterMetricFamily("balancerpool_upstream_connections_flushed",
+                                  "Idle connections closed at once because the member turned "
+                                  "unusable or draining, or one of them was found closed.", labels=m)
+    websockets = GaugeMetricFamily("balancerpool_member_websockets",
+                                   "WebSockets open through the member.", labels=m)
+    reasons = CounterMetricFamily("balancerpool_route_decisions",
+                                  "Where requests went and why (new-session, sticky, "
+                                  "member-error ...).", labels=["pool", "reason"])
+    hc_up = GaugeMetricFamily("balancerpool_health_check_up",
+                              "1 when the member's last health check passed, 0 when it failed.",
+                              labels=m)
+    hc_time = GaugeMetricFamily("balancerpool_health_check_last_timestamp_seconds",
+                                "Unix time of the member's last health check.", labels=m)
+    hc_runs = GaugeMetricFamily("balancerpool_health_check_consecutive",
+                                "Consecutive passes or failures of the member's health checks.",
+                                labels=[*m, "result"])
+    members = GaugeMetricFamily("balancerpool_pool_members", "Members of the pool.", labels=["pool"])
+    now = forwarder.clock()
+    wall = time.time()
+    for name, pool in list(forwarder.pools.items()):
+        members.add_metric([name], len(pool.state.members))
+        for reason, count in pool.route_reasons.items():
+            reasons.add_metric([name, str(reason)], count)
+        results = pool.checker.results if pool.checker is not None else {}
+        trackers = pool.checker.trackers if pool.checker is not None else {}
+        for member in pool.state.members:
+            labels = [name, member.name]
+            usable.add_metric(labels, 1 if member.usable else 0)
+            for letter, bit in FLAG_BITS.items():
+                flag.add_metric([*labels, letter], 1 if member.flags & bit else 0)
+            since.add_metric(labels, max(0.0, now - member.last_change.time))
+            loadfactor.add_metric(labels, member.spec.loadfactor)
+            lbset.add_metric(labels, member.lbset)
+            busy.add_metric(labels, member.busy)
+            elected.add_metric(labels, member.elected)
+            errors.add_metric(labels, member.errors)
+            error_retries.add_metric(labels, member.retries)
+            sent.add_metric(labels, member.transferred)
+            received.add_metric(labels, member.read)
+            conns = pool.connections.get(member.name)
+            if conns is not None:
+                conn_open.add_metric(labels, conns.open)
+                conn_idle.add_metric(labels, len(conns.idle))
+                opened.add_metric(labels, conns.opened_total)
+                flushes: Any = getattr(conns, "flushed_total", None)
+                if isinstance(flushes, int):
+                    flushed.add_metric(labels, flushes)
+            websockets.add_metric(labels, len(pool.tunnels.get(member.name, ())))
+            result = results.get(member.name)
+            if result is not None:
+                hc_up.add_metric(labels, 1 if result.ok else 0)
+                hc_time.add_metric(labels, wall - (now - result.time))
+            tracker = trackers.get(member.name)
+            if tracker is not None:
+                hc_runs.add_metric([*labels, "pass"], tracker.pass_run)
+                hc_runs.add_metric([*labels, "fail"], tracker.fail_run)
+    yield from (members, usable, flag, since, loadfactor, lbset, busy, elected, errors, error_retries,
+                sent, received, conn_open, conn_idle, opened, flushed, websockets, reasons, hc_up,
+                hc_time, hc_runs)
