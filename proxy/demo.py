@@ -12,6 +12,8 @@ from importlib import resources
 
 from aiohttp import web
 
+from . import metrics
+from .admin import start_demo_admin
 from .model import BalancerPool, MemberSpec, parse_pools
 from .server import ProxyServer, run_until_signalled
 
@@ -49,13 +51,21 @@ async def start_backend(member: MemberSpec) -> web.AppRunner:
     return runner
 
 
-async def run_demo(listen: tuple[str, int] | None = None) -> None:
+DEMO_ADMIN = ("127.0.0.1", 9090)
+
+
+async def run_demo(listen: tuple[str, int] | None = None,
+                   admin: tuple[str, int] = DEMO_ADMIN) -> None:
     pools = parse_pools(demo_pool_text())
     runners = [await start_backend(m) for pool in pools for m in pool.members]
     server = ProxyServer(None, listen, pools)
     try:
         await server.start()
+        admin_runner, _, login = await start_demo_admin(server.forwarder, *admin)
+        runners.append(admin_runner)
+        server.forwarder.metrics = metrics.enable(server.forwarder)
         print(_instructions(pools, server.addresses), flush=True)
+        print(login, flush=True)
         await run_until_signalled(server)
     finally:
         await server.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -166,8 +167,15 @@ def test_demo_serves_and_stops_on_ctrl_c(run: list[subprocess.Popen[bytes]]) -> 
     served = body.splitlines()[0]
     assert cookie.endswith(".a" if "alpha" in served else ".b")
     assert {fetch_with(url, {"Cookie": cookie}).splitlines()[0] for _ in range(5)} == {served}
+    # The demo serves the balancer-manager too, and says how to log in.
+    assert fetch("http://127.0.0.1:9090/healthz")[0] == 200
+    assert fetch("http://127.0.0.1:9090/balancer-manager")[0] == 401
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0
-    assert f"proxy on http://127.0.0.1:{port}/" in stdout.decode()
-    assert "demo stopped" in stdout.decode()
+    out = stdout.decode()
+    assert f"proxy on http://127.0.0.1:{port}/" in out
+    password = re.search(r"balancer-manager: http://127.0.0.1:9090/balancer-manager  "
+                         r"\(log in as 'admin', password (\S+)\)", out)
+    assert password is not None, out
+    assert "demo stopped" in out
