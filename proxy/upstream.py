@@ -125,6 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             if self.status == 101:
                 self.upgraded = True
+                self.complete = False  # llhttp ends the 101 "message"; the tunnel starts now
                 rest = data[upgrade.args[0]:] if upgrade.args else b""
                 if rest:
                     self.on_body(rest)
