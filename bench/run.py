@@ -70,6 +70,8 @@ class Ctx:
     tmp: Path
     pin: Pinning
     backends: list[int]
+    #: balancerpool's `--frontend` (fast or aiohttp); None: the proxy's default, no option passed.
+    frontend: str | None = None
 
 
 # --------------------------------------------------------------------------------------------- processes
@@ -303,6 +305,8 @@ def balancerpool(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int
         f"  listen: 127.0.0.1:{port}\n  routes:\n  - path: /\n  lbmethod: byrequests\n  members:\n{members}"
     )
     argv = [sys.executable, *launcher, "proxy", str(pool), "--listen", f"127.0.0.1:{port}"]
+    if ctx.frontend is not None:
+        argv += ["--frontend", ctx.frontend]
     log = ctx.tmp / "balancerpool.log"
     with started([*ctx.pin.proxy, *argv], log) as proc:
         wait_ready(proc, port, log, "balancerpool")
@@ -571,6 +575,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 s runs, 1 s warm-up (smoke test)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma list from {','.join(TARGETS)}")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument(
+        "--frontend",
+        choices=["fast", "aiohttp"],
+        help="balancerpool's HTTP front end (default: the proxy's own default)",
+    )
     args = parser.parse_args()
     names = [name.strip() for name in args.targets.split(",") if name.strip()]
     if unknown := [name for name in names if name not in TARGETS]:
@@ -588,7 +597,7 @@ def main() -> int:
             backends(Path(tmp_name), pin) as (ports, kind),
         ):
             print(f"backends: {kind} on ports {ports}")
-            ctx = Ctx(Path(tmp_name), pin, ports)
+            ctx = Ctx(Path(tmp_name), pin, ports, args.frontend)
             for name in names:
                 print(f"running {name} ...", flush=True)
                 rows.append(bench_target(name, TARGETS[name], ctx, duration, warmup, args.connections))
@@ -612,6 +621,7 @@ def main() -> int:
                     "load_generator": tool,
                     "backend": backend_kind,
                     "pinning": pin.note,
+                    "balancerpool_frontend": args.frontend or "default",
                 },
                 "results": [asdict(row) for row in rows],
                 "ratios": ratios,

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from .model import InvalidBalancerPool, parse_listen, parse_pools
 
+#: Kept here (not imported from .server) so that ``check`` stays free of the server's imports.
+FRONTENDS = ("fast", "aiohttp")
+FRONTEND_HELP = ("HTTP front end: fast (httptools protocol, the default) or aiohttp "
+                 "(aiohttp's low-level server)")
+
 
 def _listen(text: str) -> tuple[str, int]:
     try:
@@ -27,9 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("file", type=Path)
     proxy.add_argument("--listen", type=_listen, metavar="HOST:PORT",
                        help="listen here instead of the file's spec.listen")
+    proxy.add_argument("--frontend", choices=FRONTENDS, default="fast", help=FRONTEND_HELP)
 
     demo = commands.add_parser("demo", help="start demo backends and the proxy on 127.0.0.1:8080")
     demo.add_argument("--listen", type=_listen, metavar="HOST:PORT")
+    demo.add_argument("--frontend", choices=FRONTENDS, default="fast", help=FRONTEND_HELP)
 
     check = commands.add_parser("check", help="validate BalancerPool files and print every problem")
     check.add_argument("files", type=Path, nargs="+")
@@ -55,10 +62,10 @@ def check(files: list[Path]) -> int:
     return status
 
 
-async def _serve(file: Path, listen: tuple[str, int] | None) -> int:
+async def _serve(file: Path, listen: tuple[str, int] | None, frontend: str) -> int:
     from .server import ProxyServer, run_until_signalled
 
-    server = ProxyServer(file, listen)
+    server = ProxyServer(file, listen, frontend=frontend)
     try:
         await server.start()
     except InvalidBalancerPool as exc:
@@ -79,12 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "check":
         return check(args.files)
-    from .server import new_event_loop
+    from .server import new_event_loop, set_default_frontend
 
+    # run_demo() creates its ProxyServer without naming a front end: it gets this default.
+    set_default_frontend(args.frontend)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         if args.command == "proxy":
             try:
-                return runner.run(_serve(args.file, args.listen))
+                return runner.run(_serve(args.file, args.listen, args.frontend))
             except OSError as exc:
                 print(f"balancerpool: {exc}", file=sys.stderr)
                 return 1

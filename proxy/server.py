@@ -1,8 +1,9 @@
-"""The front end and the process around it: listeners, configuration reloads, signals.
+"""The front ends and the process around them: listeners, configuration reloads, signals.
 
-The front end is aiohttp's low-level server (no router, no middlewares). It turns each request
-into the seam's :class:`RequestHead` and :class:`Body` and writes back the core's
-:class:`Response`; nothing else here knows about balancing.
+Two front ends sit behind the same seam: ``fast`` (the default, :mod:`.frontend`, a bare
+``asyncio.Protocol`` over httptools) and ``aiohttp`` (aiohttp's low-level server, no router, no
+middlewares). Each turns a request into the seam's :class:`RequestHead` and :class:`Body` and
+writes back the core's :class:`Response`; nothing else here knows about balancing.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from .forward import Forwarder
+from .frontend import KEEPALIVE_TIMEOUT, HttpServer
 from .messages import RequestHead
 from .model import BalancerPool, InvalidBalancerPool, parse_pools
 from .upstream import UpstreamError
@@ -28,6 +31,25 @@ from .upstream import UpstreamError
 log = logging.getLogger("balancerpool.proxy")
 
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
+FRONTENDS = ("fast", "aiohttp")
+#: The front end a ProxyServer gets when none is named (the command line may change it).
+default_frontend = "fast"
+
+
+def set_default_frontend(name: str) -> None:
+    """Choose the front end of every ProxyServer created without one (``--frontend``)."""
+    global default_frontend
+    if name not in FRONTENDS:
+        raise ValueError(f"unknown front end {name!r}: one of {', '.join(FRONTENDS)}")
+    default_frontend = name
+
+
+class _Listener(Protocol):
+    """What ProxyServer needs of a front end: a protocol factory that can shut down."""
+
+    def __call__(self) -> asyncio.BaseProtocol: ...
+
+    async def shutdown(self, timeout: float = ...) -> None: ...
 
 
 class RequestBody:
@@ -47,7 +69,10 @@ class RequestBody:
 
 
 class FrontEnd:
-    """Turns aiohttp requests into calls of ``Forwarder.handle``."""
+    """The ``aiohttp`` front end: turns aiohttp requests into calls of ``Forwarder.handle``.
+    It cannot tunnel: a 101 with an ``upgrade`` (WebSocket) is answered 501."""
+
+    warned_upgrade = False
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
@@ -68,6 +93,14 @@ class FrontEnd:
         if body.length != 0 and request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         result = await self.forwarder.handle(head, body)
+        if result.upgrade is not None:
+            # aiohttp's server has no public way to hand over the raw connection: no tunnel.
+            result.finish(False)
+            if not FrontEnd.warned_upgrade:
+                FrontEnd.warned_upgrade = True
+                log.warning("the aiohttp front end cannot tunnel upgraded connections "
+                            "(WebSockets); answering 501: use --frontend fast")
+            return web.Response(status=501, text="Upgrades (WebSockets) need the fast front end.\n")
         response = web.StreamResponse(status=result.status, reason=result.reason or None)
         headers = response.headers
         for name, value in result.headers:
@@ -107,13 +140,24 @@ class ProxyServer:
 
     def __init__(self, source: Path | None, listen: tuple[str, int] | None = None,
                  pools: list[BalancerPool] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 frontend: str | None = None,
+                 keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
         self.source = source
         self.listen_override = listen
         self.loop = asyncio.get_running_loop()
         self.forwarder = Forwarder(self.loop, clock)
-        self.server = web.Server(FrontEnd(self.forwarder), access_log=None, auto_decompress=False,
-                                 keepalive_timeout=75.0, max_line_size=8190, max_field_size=8190)
+        self.frontend = frontend or default_frontend
+        self.server: _Listener
+        if self.frontend == "fast":
+            self.server = HttpServer(self.forwarder.handle, keepalive_timeout=keepalive_timeout,
+                                     loop=self.loop)
+        elif self.frontend == "aiohttp":
+            self.server = web.Server(FrontEnd(self.forwarder), access_log=None,
+                                     auto_decompress=False, keepalive_timeout=keepalive_timeout,
+                                     max_line_size=8190, max_field_size=8190)
+        else:
+            raise ValueError(f"unknown front end {self.frontend!r}: one of {', '.join(FRONTENDS)}")
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}
         self.fingerprint = b""
         self.generation = 0

@@ -8,7 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+
 from balancerpool.proxy.model import parse_pools
 from balancerpool.proxy.server import ProxyServer
 
@@ -85,6 +86,17 @@ class Backends:
             backend.kill(signal.SIGTERM)
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The fast front end's own tests run on uvloop (what the proxy runs on) as well as on
+    asyncio's loop; every other test on asyncio's loop only, as before."""
+    if item.path.name == "test_frontend.py":
+        import uvloop
+
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
 @pytest.fixture
 def backends(tmp_path: Path) -> Iterator[Backends]:
     group = Backends(tmp_path)
@@ -128,15 +140,36 @@ class RunningProxy:
         return self.server.forwarder.pools[pool].connections[name]
 
 
-@pytest.fixture
-async def start_proxy() -> AsyncIterator[Any]:
-    """``await start_proxy(doc, ...)``: an in-process proxy on a free port from BalancerPool docs."""
-    servers: list[ProxyServer] = []
+#: Every test using start_proxy runs once per front end. A test module may narrow this by
+#: defining its own FRONTENDS, a test with ``@pytest.mark.parametrize("start_proxy", [...],
+#: indirect=True)``.
+FRONTENDS = ("fast", "aiohttp")
 
-    async def start(*docs: dict[str, Any]) -> RunningProxy:
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "start_proxy" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers(name="parametrize"):
+        names = marker.args[0] if marker.args else marker.kwargs.get("argnames", "")
+        if "start_proxy" in ([n.strip() for n in names.split(",")] if isinstance(names, str)
+                             else list(names)):
+            return  # the test chose its front ends itself
+    metafunc.parametrize("start_proxy", getattr(metafunc.module, "FRONTENDS", FRONTENDS),
+                         indirect=True)
+
+
+@pytest.fixture
+async def start_proxy(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """``await start_proxy(doc, ...)``: an in-process proxy on a free port from BalancerPool docs,
+    once with each front end. ``keepalive_timeout=`` sets the front end's idle timeout."""
+    servers: list[ProxyServer] = []
+    frontend: str = request.param
+
+    async def start(*docs: dict[str, Any], keepalive_timeout: float = 75.0) -> RunningProxy:
         pools = parse_pools(yaml.safe_dump_all(docs))
         clock = FakeClock()
-        server = ProxyServer(None, ("127.0.0.1", 0), pools, clock=clock)
+        server = ProxyServer(None, ("127.0.0.1", 0), pools, clock=clock, frontend=frontend,
+                             keepalive_timeout=keepalive_timeout)
         servers.append(server)
         await server.start()
         host, port = server.addresses[0]

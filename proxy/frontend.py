@@ -1,0 +1,968 @@
+"""The fast front end: an ``asyncio.Protocol`` HTTP/1.1 server over httptools (llhttp).
+
+It does what aiohttp's low-level server did for the proxy, and nothing else: parse a request into
+the seam's :class:`RequestHead` and a streamed :class:`Body`, call ``handle(head, body)``, and
+write the :class:`Response`. The hot path is kept lean: the request head is built straight from
+the parser callbacks, the response head is one ``bytes`` written together with the first body
+chunk (one ``write``/``writev`` for a small response), the keep-alive timer is one lazily
+re-armed handle per connection rather than one per request, and a request costs one Task.
+
+Connection rules:
+
+- Keep-alive as HTTP/1.1 says; ``Connection: close`` (or HTTP/1.0 without ``keep-alive``) gets a
+  ``Connection: close`` response and the connection is closed after it. An idle connection is
+  closed after ``keepalive_timeout`` seconds.
+- Pipelined requests are answered in order, one at a time. httptools cannot stop in the middle of
+  a buffer, so a request parsed while another is in flight is queued, and the socket is not read
+  again until the queue is empty.
+- Request bodies are buffered up to ``HIGH_WATER`` bytes, then the socket stops being read until
+  the core has read them below ``LOW_WATER``. A body the core did not read is discarded when at
+  most ``DISCARD_MAX`` bytes of it are left, otherwise the connection is closed after the
+  response (a lingering close, so that the client still gets the response rather than a reset).
+- Errors: malformed request 400, request line over ``MAX_LINE`` 414, a header field over
+  ``MAX_FIELD`` bytes or more than ``MAX_FIELDS`` of them 431; each closes the connection.
+- Upgrades: after a request with ``Upgrade`` (and no body) what the client sends next is held
+  until the answer. A 101 whose Response carries ``upgrade`` turns the connection into a raw
+  tunnel (:class:`ClientTunnel`, the seam's ClientStream) for as long as ``upgrade`` runs; any
+  other answer and the held bytes are parsed as the next requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import httptools
+
+from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response
+from .upstream import UpstreamError
+
+log = logging.getLogger("balancerpool.proxy")
+
+Handler = Callable[[RequestHead, Body], Awaitable[Response]]
+
+#: Request body bytes buffered before the client socket stops being read, and where it resumes.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+#: Response bytes buffered in the transport before the writer waits for it to drain.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+#: Response bytes gathered before they are written even though more may follow at once.
+FLUSH_SIZE = 64 * 1024
+#: Up to this size, gathered pieces are joined into one buffer for the write.
+JOIN_SIZE = 4096
+#: At most this much of an unread request body is read and thrown away to keep the connection.
+DISCARD_MAX = 64 * 1024
+#: httpd's LimitRequestLine, LimitRequestFieldSize and (roughly) LimitRequestFields.
+MAX_LINE = 8190
+MAX_FIELD = 8190
+MAX_FIELDS = 128
+#: The most head bytes held while a head is incomplete (httptools keeps a partial field itself).
+MAX_HEAD = MAX_LINE + MAX_FIELDS * (MAX_FIELD + 2) + 2
+KEEPALIVE_TIMEOUT = 75.0
+#: How long a closing connection keeps reading (and dropping) what the client still sends.
+LINGER_TIMEOUT = 2.0
+SHUTDOWN_GRACE = 5.0
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9)}
+_METHODS: dict[bytes, str] = {}
+
+
+class BadRequest(Exception):
+    """A request the front end refuses; ``status`` is 400, 414 or 431."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class ClientGone(ConnectionResetError):
+    """The client closed the connection (or half-closed it in the middle of a request body)."""
+
+
+class RequestBody:
+    """The seam's Body over the bytes httptools hands to one request."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_error", "_waiter", "complete", "discarding",
+                 "expect", "length", "received")
+
+    def __init__(self, conn: HttpConnection, length: int | None, expect: bool) -> None:
+        self.length = length
+        self._conn = conn
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.complete = False
+        #: ``Expect: 100-continue`` was asked for and the interim response is not written yet.
+        self.expect = expect
+        self.discarding = False
+        self.received = 0
+
+    async def read(self) -> bytes:
+        if self.expect:
+            self.expect = False
+            if not self._chunks and not self.complete and self._error is None:
+                self._conn._send_continue()
+        while True:
+            chunks = self._chunks
+            if chunks:
+                chunk = b"".join(chunks)  # the one chunk itself when there is one
+                chunks.clear()
+                self._buffered = 0
+                conn = self._conn
+                if conn._reading_paused:
+                    conn._maybe_resume()
+                return chunk
+            if self.complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            fut = self._waiter = self._conn._loop.create_future()
+            try:
+                await fut
+            finally:
+                self._waiter = None
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _done(self) -> None:
+        self.complete = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None and not self.complete:
+            self._error = error
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _discard(self) -> None:
+        """Drop what is buffered and whatever still arrives for this body."""
+        self.discarding = True
+        self.expect = False
+        self._chunks.clear()
+        self._buffered = 0
+
+
+class ClientTunnel:
+    """The seam's ClientStream: the client's side of an upgraded connection, raw bytes both
+    ways, with the same backpressure as request bodies."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_ended", "_waiter")
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self._conn = conn
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self) -> bytes:
+        """The next bytes from the client, b"" once it closed (or half-closed)."""
+        conn = self._conn
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                if conn._reading_paused and not conn._lost:
+                    conn._reading_paused = False
+                    conn._transport.resume_reading()
+                return data
+            if self._ended or conn._lost:
+                return b""
+            fut = self._waiter = conn._loop.create_future()
+            try:
+                await fut
+            finally:
+                self._waiter = None
+
+    async def write(self, data: bytes) -> None:
+        conn = self._conn
+        if conn._lost or conn._transport.is_closing():
+            raise ClientGone("the client closed the connection")
+        conn._transport.write(data)
+        if conn._write_paused:
+            await conn._drain()
+
+    def close(self) -> None:
+        conn = self._conn
+        if not conn._lost and not conn._transport.is_closing():
+            conn._transport.close()
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+        if self._buffered > HIGH_WATER:
+            self._conn._pause()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+# A queued pipelined request, or the status of a parse error to answer in its turn.
+_Queued = tuple[RequestHead, Body, bool] | int
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._handle = server.handler
+        self._loop = server.loop
+        self._transport: asyncio.Transport = cast(asyncio.Transport, None)
+        self._parser = httptools.HttpRequestParser(self)
+        self._client = ""
+        self._lost = False
+        self._eof = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # Output gathered for one write.
+        self._out: list[bytes] = []
+        self._out_size = 0
+        #: In the server's list of connections to flush when the event loop turns.
+        self._flush_queued = False
+        # The request being parsed.
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._host = ""
+        self._length = 0
+        self._chunked = False
+        self._expect = False
+        self._upgrade = False
+        self._in_head = False
+        self._head_size = 0
+        self._error_status = 400
+        self._body_in: RequestBody | None = None
+        #: A body llhttp skipped (an Upgrade request's): fed again after a synthetic head.
+        self._upgrade_body: RequestBody | None = None
+        self._synthetic = False
+        #: Input after an Upgrade request, held until its answer says HTTP or tunnel.
+        self._held: bytes | None = None
+        #: The Upgrade request the held input waits on, and the last Upgrade request parsed.
+        self._held_for: RequestHead | None = None
+        self._upgrade_head: RequestHead | None = None
+        self._tunnel: ClientTunnel | None = None
+        #: Input goes to ``_held`` or ``_tunnel`` instead of the parser.
+        self._diverted = False
+        #: No more input is parsed: after a parse error, a half-close, a CONNECT or while closing.
+        self._stop_parsing = False
+        #: Close after the current response (a discarded body grew past DISCARD_MAX).
+        self._must_close = False
+        # Requests.
+        self._serving = False
+        self._task: asyncio.Task[None] | None = None
+        self._queue: deque[_Queued] | None = None
+        # Timers: one handle, re-armed lazily (no per-request timer).
+        self._idle_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lingering = False
+        self._closing = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        server = self._server
+        server.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self._client = peer[0] if isinstance(peer, tuple) else str(peer)
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if server.closing:
+            self._closing = True
+            transport.close()
+            return
+        self._idle_since = self._loop.time()
+        self._timer = self._loop.call_later(server.keepalive_timeout, self._on_timer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._serving:
+            self._server._forget(self)  # else when its task ends: shutdown waits for that task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._out.clear()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        gone = ClientGone("the client closed the connection")
+        if self._body_in is not None:
+            self._body_in._fail(gone)
+        if self._upgrade_body is not None:
+            self._upgrade_body._fail(gone)
+        if self._tunnel is not None:
+            self._tunnel._end()
+        if self._queue:
+            for item in self._queue:
+                if not isinstance(item, int) and isinstance(item[1], RequestBody):
+                    item[1]._fail(gone)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stop_parsing or self._diverted:
+            if self._tunnel is not None:
+                self._tunnel._feed(data)
+            elif self._held is not None and not self._stop_parsing:
+                self._held += data
+            return  # else closing, or after a parse error: what comes now is dropped
+        parser = self._parser
+        while True:
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                data = data[exc.args[0]:]
+                if not self._after_upgrade(data) or not data:
+                    return
+                continue
+            except httptools.HttpParserError as exc:
+                self._parse_error(exc)
+                return
+            break
+        if self._in_head:
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD:
+                self._parse_error(BadRequest(431, "request header section too large"))
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._tunnel is not None:
+            self._tunnel._end()  # the tunnel ends; it closes the connection itself
+            return True
+        body = self._body_in
+        if body is not None and not body.complete:
+            body._fail(ClientGone("the client closed the connection in the middle of the body"))
+        if self._serving and not self._lingering:
+            # A half-close after a request: answer it (and what is queued), then close.
+            self._stop_parsing = True
+            return True
+        return False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._host = ""
+        self._length = 0
+        self._chunked = False
+        self._expect = False
+        self._upgrade = False
+
+    def on_url(self, url: bytes) -> None:
+        url = self._url + url if self._url else url
+        self._url = url
+        if len(url) > MAX_LINE - 20 and len(self._parser.get_method()) + len(url) + 10 > MAX_LINE:
+            self._error_status = 414
+            raise BadRequest(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(headers) >= MAX_FIELDS:
+            self._error_status = 431
+            raise BadRequest(431, f"more than {MAX_FIELDS} header fields")
+        size = len(name)
+        if size + len(value) + 2 > MAX_FIELD:
+            self._error_status = 431
+            raise BadRequest(431, "request header field too large")
+        n = name.decode("latin-1")
+        v = value.decode("latin-1")
+        headers.append((n, v))
+        if size == 4:
+            if not self._host and n.lower() == "host":
+                self._host = v
+        elif size == 14:
+            if n.lower() == "content-length":
+                self._length = int(v)  # llhttp has checked the digits and refused duplicates
+        elif size == 17:
+            if n.lower() == "transfer-encoding":
+                self._chunked = True  # llhttp refuses a request TE not ending in chunked
+        elif size == 6:
+            if n.lower() == "expect" and v.strip().lower() == "100-continue":
+                self._expect = True
+        elif size == 7 and n.lower() == "upgrade":
+            self._upgrade = True
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_size = 0
+        if self._synthetic:
+            # The made-up head in front of an Upgrade request's body: only its body counts.
+            self._synthetic = False
+            return
+        if self._stop_parsing:
+            return  # the connection closes after the response in flight: nothing new starts
+        parser = self._parser
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = _METHODS[raw_method] = raw_method.decode("ascii")
+        version = _VERSIONS.get(parser.get_http_version(), (1, 1))
+        keep_alive = parser.should_keep_alive()
+        url = self._url.decode("latin-1")
+        host = self._host
+        if url[:1] == "/":
+            path, _, query = url.partition("?")
+        else:
+            path, query, host = _other_form(url, host)
+        if self._chunked:
+            body: Body = RequestBody(self, None, self._expect)
+        elif self._length:
+            body = RequestBody(self, self._length, self._expect)
+        else:
+            body = EMPTY_BODY
+        head = RequestHead(method, path, query, version, self._headers, host, self._client)
+        if self._upgrade or method == "CONNECT":
+            self._upgrade_head = head
+            keep_alive = self._upgrade_request(method, body, keep_alive)
+        elif body is not EMPTY_BODY:
+            self._body_in = cast(RequestBody, body)
+        if self._serving:
+            self._enqueue((head, body, keep_alive))
+        else:
+            self._serving = True
+            self._idle_since = None
+            self._task = self._loop.create_task(self._serve(head, body, keep_alive))
+
+    def on_body(self, data: bytes) -> None:
+        body = self._body_in
+        if body is None or not data:
+            return  # (llhttp reports an empty piece when fed b"": it is not the end)
+        body.received += len(data)
+        if body.discarding:
+            # A Content-Length rest was checked against DISCARD_MAX before; a chunked one is
+            # counted from the start of the discard.
+            if body.length is None and body.received > DISCARD_MAX and not self._must_close:
+                # More than we are willing to throw away: close after the response instead.
+                self._must_close = True
+                self._stop_parsing = True
+                self._pause()
+            return
+        body._feed(data)
+        if body._buffered > HIGH_WATER and not self._reading_paused:
+            self._pause()
+
+    def on_message_complete(self) -> None:
+        body = self._body_in
+        if body is not None:
+            self._body_in = None
+            body._done()
+
+    # --- the request cycle ------------------------------------------------------------------
+
+    async def _serve(self, head: RequestHead, body: Body, keep_alive: bool) -> None:
+        """Answer a request, then every request queued behind it; runs as one Task."""
+        try:
+            while True:
+                keep = await self._respond(head, body, keep_alive)
+                if not keep or self._lost:
+                    break
+                if self._held_for is head:
+                    self._release_held()  # an Upgrade request answered in HTTP: parse on
+                queue = self._queue
+                if queue:
+                    item = queue.popleft()
+                    if not queue:
+                        self._maybe_resume()
+                    if isinstance(item, int):
+                        self._send_error(item, _PHRASES.get(item, "Bad Request"))
+                        break
+                    head, body, keep_alive = item
+                    continue
+                if self._stop_parsing or self._closing:
+                    break
+                self._serving = False
+                self._idle_since = self._loop.time()
+                if self._reading_paused:
+                    self._maybe_resume()
+                return
+            self._close()
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+        except Exception:
+            log.exception("front end: request failed")
+            self._abort()
+        finally:
+            self._serving = False
+            if self._lost:
+                self._server._forget(self)
+
+    async def _respond(self, head: RequestHead, body: Body, keep_alive: bool) -> bool:
+        """Write the response to one request; True when the connection may serve another."""
+        try:
+            response = await self._handle(head, body)
+        except BadRequest as exc:
+            self._send_error(exc.status, exc.detail)
+            return False
+        except ConnectionError:
+            log.debug("client %s went away while sending its request", head.client)
+            return False
+        except Exception:
+            log.exception("front end: handling %s %s failed", head.method, head.path)
+            self._send_error(500, "internal error")
+            return False
+        ok = False
+        try:  # from here on, finish() is called whatever happens
+            if self._lost:
+                log.debug("client %s went away before the response", head.client)
+                return False
+            status = response.status
+            if status == 101:
+                ok = await self._run_tunnel(response, head)
+                return False
+            method = head.method
+            http10 = head.version < (1, 1)
+            if body is not EMPTY_BODY:
+                request_body = cast(RequestBody, body)
+                if not request_body.complete and not self._settle(request_body):
+                    keep_alive = False
+            if self._closing or self._must_close or (self._stop_parsing and not self._queue):
+                keep_alive = False
+            length = response.length
+            chunked = False
+            if method == "HEAD" or status < 200 or status == 204 or status == 304:
+                bodiless = True
+                framing = (f"Content-Length: {length}\r\n"
+                           if length is not None and method == "HEAD" and status >= 200
+                           and status != 204 and status != 304 else "")
+                if status < 200:
+                    keep_alive = False  # 101 cannot be followed here (no tunnel yet)
+            else:
+                bodiless = False
+                if length is not None:
+                    framing = f"Content-Length: {length}\r\n"
+                elif http10:
+                    framing = ""
+                    keep_alive = False  # the end of the body is the end of the connection
+                else:
+                    framing = "Transfer-Encoding: chunked\r\n"
+                    chunked = True
+            if not keep_alive:
+                framing += "Connection: close\r\n"
+            elif http10:
+                framing += "Connection: keep-alive\r\n"
+            fields = "".join([f"{n}: {v}\r\n" for n, v in response.headers])
+            reason = response.reason or _PHRASES.get(status, "")
+            text = f"HTTP/1.1 {status} {reason}\r\n{fields}{framing}\r\n"
+            try:
+                data = text.encode("latin-1")
+            except UnicodeEncodeError:
+                data = text.encode("utf-8")
+            if bodiless:
+                self._transport.write(data)
+            else:
+                sent = await self._stream(response, data, chunked)
+                if length is not None and sent != length:
+                    # Whatever the cause, the client's framing is broken: cut the connection
+                    # rather than leave it waiting for bytes that will never come.
+                    log.warning("pool %s: member %s: response body of %d bytes, %d announced",
+                                response.info.get("pool"), response.info.get("member"), sent,
+                                length)
+                    self._abort()
+                    return False
+            ok = True
+        except UpstreamError as exc:
+            # The head is out (or promised): all that is left is to cut the client connection,
+            # so that it sees a truncated response rather than a complete-looking one.
+            log.warning("pool %s: member %s failed mid-response: %s",
+                        response.info.get("pool"), response.info.get("member"), exc)
+            self._abort()
+            return False
+        except ConnectionError:
+            log.debug("client %s went away during the response", head.client)
+            return False
+        finally:
+            response.finish(ok)
+        return keep_alive and not self._must_close
+
+    async def _run_tunnel(self, response: Response, head: RequestHead) -> bool:
+        """A 101: write the head, then the connection is a tunnel while ``upgrade`` runs."""
+        upgrade = response.upgrade
+        if upgrade is None or self._held_for is not head:
+            # Nothing to tunnel to, or the request was no Upgrade we held input for.
+            log.warning("pool %s: member %s: 101 response without an upgrade to run; closed",
+                        response.info.get("pool"), response.info.get("member"))
+            self._abort()
+            return False
+        fields = "".join([f"{n}: {v}\r\n" for n, v in response.headers])
+        self._transport.write(
+            f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}\r\n{fields}\r\n"
+            .encode("latin-1"))
+        tunnel = self._tunnel = ClientTunnel(self)
+        held = self._held
+        self._held = self._held_for = None
+        if held:
+            tunnel._feed(held)
+        if self._eof:
+            tunnel._end()
+        if self._reading_paused and tunnel._buffered <= HIGH_WATER:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        stream: ClientStream = tunnel
+        await upgrade(stream)
+        return True
+
+    def _release_held(self) -> None:
+        held = self._held or b""
+        self._held = self._held_for = None
+        self._diverted = False
+        if held:
+            self.data_received(held)
+
+    async def _stream(self, response: Response, head: bytes, chunked: bool) -> int:
+        """Write the head and the body; the head waits for the first chunk (one write) unless
+        that chunk is not there before the event loop turns. Returns the body size."""
+        sent = 0
+        out = self._out
+        out.append(head)
+        self._out_size = len(head)
+        if not self._flush_queued:
+            self._server._queue_flush(self)
+        try:
+            async for chunk in response.chunks():
+                if not chunk:
+                    continue
+                if self._lost:
+                    raise ClientGone("the client closed the connection")
+                if chunked:
+                    out.append(b"%x\r\n" % len(chunk))
+                    out.append(chunk)
+                    out.append(b"\r\n")
+                else:
+                    out.append(chunk)
+                sent += len(chunk)
+                self._out_size += len(chunk)
+                if self._out_size >= FLUSH_SIZE or self._write_paused:
+                    self._flush()
+                    if self._write_paused:  # the client reads slower than the backend sends
+                        await self._drain()
+                elif not self._flush_queued:
+                    self._server._queue_flush(self)
+            if self._lost:
+                raise ClientGone("the client closed the connection")
+            if chunked:
+                out.append(b"0\r\n\r\n")
+            self._flush()
+            return sent
+        except BaseException:
+            out.clear()
+            self._out_size = 0
+            raise
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        if not self._lost:
+            if len(out) == 1:
+                self._transport.write(out[0])
+            elif self._out_size <= JOIN_SIZE:
+                self._transport.write(b"".join(out))  # a copy is cheaper than a writev setup
+            else:
+                self._transport.writelines(out)
+        out.clear()
+        self._out_size = 0
+
+    async def _drain(self) -> None:
+        while self._write_paused and not self._lost:
+            fut = self._drain_waiter = self._loop.create_future()
+            try:
+                await fut
+            finally:
+                self._drain_waiter = None
+        if self._lost:
+            raise ClientGone("the client closed the connection")
+
+    def _settle(self, body: RequestBody) -> bool:
+        """The core did not read all of ``body``: can the connection be kept (rest discarded)?"""
+        if (body.expect and body.received == 0) or body._error is not None:
+            return False  # never asked for (100 Continue unsent), or broken
+        if body.length is not None and body.length - body.received > DISCARD_MAX:
+            return False
+        body._discard()
+        if body.length is None:
+            body.received = 0  # from now on, counts what is thrown away
+        if self._reading_paused:
+            self._maybe_resume()
+        return True
+
+    def _send_continue(self) -> None:
+        if not self._lost and not self._transport.is_closing():
+            self._transport.write(_CONTINUE)
+
+    def _send_error(self, status: int, detail: str) -> None:
+        """A response of the front end's own (400, 414, 431, 500); the connection closes after."""
+        if self._lost or self._transport.is_closing():
+            return
+        text = f"{status} {_PHRASES.get(status, 'Error')}: {detail}\n".encode("ascii", "replace")
+        self._transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s"
+            % (status, _PHRASES.get(status, "Error").encode("ascii"), len(text), text))
+
+    # --- parsing states ---------------------------------------------------------------------
+
+    def _enqueue(self, item: _Queued) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(item)
+        self._pause()
+
+    def _parse_error(self, exc: Exception) -> None:
+        status = exc.status if isinstance(exc, BadRequest) else self._error_status
+        if isinstance(exc, httptools.HttpParserCallbackError) and isinstance(exc.__context__,
+                                                                             BadRequest):
+            detail = exc.__context__.detail
+        else:
+            detail = str(exc) or "malformed request"
+        self._stop_parsing = True
+        self._pause()
+        body = self._body_in
+        if body is not None and not self._in_head:
+            # Broken inside a body: the request that owns it fails when the core reads on.
+            body._fail(BadRequest(status, detail))
+            return
+        if self._serving:
+            self._enqueue(status)
+        else:
+            self._send_error(status, detail)
+            self._close()
+
+    def _upgrade_request(self, method: str, body: Body, keep_alive: bool) -> bool:
+        """llhttp treats ``Upgrade`` and ``CONNECT`` requests as the end of HTTP on the
+        connection. Here they are ordinary requests (no tunnel yet); returns keep-alive."""
+        if method == "CONNECT":
+            self._stop_parsing = True  # what follows would be tunnel bytes
+            self._pause()
+            return False
+        if body is not EMPTY_BODY:
+            if self._parser.should_upgrade():
+                self._upgrade_body = cast(RequestBody, body)  # llhttp skips it: fed again later
+            else:
+                self._body_in = cast(RequestBody, body)
+        return keep_alive
+
+    def _after_upgrade(self, rest: bytes) -> bool:
+        """After llhttp stopped at an Upgrade request: hold what follows until the answer (a
+        101 may turn it into a tunnel); or, for a request with a body (not a WebSocket), parse
+        the body and what follows as HTTP at once. False when nothing more is to be parsed."""
+        if self._stop_parsing:
+            return False
+        body = self._upgrade_body
+        if body is None:
+            self._held = rest
+            self._held_for = self._upgrade_head
+            self._diverted = True
+            self._pause()
+            return False
+        if body is not None:
+            self._upgrade_body = None
+            self._body_in = body
+            self._synthetic = True
+            framing = (b"Transfer-Encoding: chunked" if body.length is None
+                       else b"Content-Length: %d" % body.length)
+            try:
+                self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+            except httptools.HttpParserError as exc:  # pragma: no cover - a fixed, valid head
+                self._parse_error(exc)
+                return False
+        return True
+
+    # --- flow control and closing -----------------------------------------------------------
+
+    def _pause(self) -> None:
+        if not self._reading_paused and not self._lost:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if (not self._reading_paused or self._lost or self._stop_parsing or self._queue
+                or self._diverted):
+            return
+        body = self._body_in
+        if body is not None and body._buffered >= LOW_WATER:
+            return
+        self._reading_paused = False
+        self._transport.resume_reading()
+
+    def _close(self) -> None:
+        """Close after the response: at once when the input is clean, else a lingering close
+        (stop writing, read and drop what the client still sends) so that the client reads the
+        response rather than a reset."""
+        transport = self._transport
+        if self._lost or self._lingering or transport.is_closing():
+            self._serving = False
+            return
+        body = self._body_in
+        dirty = (self._stop_parsing and not self._eof) or self._must_close or self._in_head or (
+            body is not None and not body.complete)
+        self._stop_parsing = True
+        self._serving = False
+        if not dirty or self._eof:
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(LINGER_TIMEOUT, self._on_timer)
+
+    def _abort(self) -> None:
+        self._stop_parsing = True
+        if not self._lost:
+            # Nothing may be written from now on (uvloop raises on a closed transport);
+            # connection_lost() follows and does the rest.
+            self._lost = True
+            self._out.clear()
+            self._transport.abort()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._lost:
+            return
+        loop = self._loop
+        if self._lingering:
+            if self._transport.get_write_buffer_size():
+                self._timer = loop.call_later(LINGER_TIMEOUT, self._on_timer)  # still sending
+            else:
+                self._transport.close()
+            return
+        timeout = self._server.keepalive_timeout
+        idle = self._idle_since
+        if idle is None:
+            self._timer = loop.call_later(timeout, self._on_timer)
+            return
+        left = idle + timeout - loop.time()
+        if left > 0.001:
+            self._timer = loop.call_later(left, self._on_timer)
+            return
+        log.debug("client %s: keep-alive connection idle for %gs, closed", self._client, timeout)
+        self._stop_parsing = True
+        self._transport.close()
+
+    def _shutdown(self) -> None:
+        """Stop serving: close now when idle, after the request in flight otherwise."""
+        self._closing = True
+        if not self._serving and not self._lost and not self._lingering:
+            self._stop_parsing = True
+            self._transport.close()
+
+
+def _other_form(url: str, host: str) -> tuple[str, str, str]:
+    """Path, query and host of a request target not in origin form: absolute form
+    (``http://host/path``, whose authority replaces Host), ``*`` or an authority (CONNECT)."""
+    lower = url[:8].lower()
+    if lower.startswith("http://") or lower.startswith("https://"):
+        rest = url[url.index("//") + 2:]
+        cut = len(rest)
+        for sep in "/?":
+            at = rest.find(sep)
+            if at != -1 and at < cut:
+                cut = at
+        authority = rest[:cut].rpartition("@")[2]
+        target = rest[cut:]
+        if not target.startswith("/"):
+            target = "/" + target
+        path, _, query = target.partition("?")
+        return path, query, authority or host
+    path, _, query = url.partition("?")
+    return path, query, host
+
+
+class HttpServer:
+    """The protocol factory for ``loop.create_server`` plus the set of open connections."""
+
+    def __init__(self, handler: Handler, *, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.handler = handler
+        self.keepalive_timeout = keepalive_timeout
+        self.loop = loop or asyncio.get_running_loop()
+        self.connections: set[HttpConnection] = set()
+        self._to_flush: list[HttpConnection] = []
+        self.closing = False
+        self._all_closed: asyncio.Future[None] | None = None
+
+    def __call__(self) -> HttpConnection:
+        return HttpConnection(self)
+
+    def _queue_flush(self, conn: HttpConnection) -> None:
+        """Write ``conn``'s gathered output when the event loop turns (unless written before):
+        one callback per loop iteration for all connections, not one per response."""
+        conn._flush_queued = True
+        if not self._to_flush:
+            self.loop.call_soon(self._flush_all)
+        self._to_flush.append(conn)
+
+    def _flush_all(self) -> None:
+        conns = self._to_flush
+        self._to_flush = []
+        for conn in conns:
+            conn._flush_queued = False
+            conn._flush()
+
+    def _forget(self, conn: HttpConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections and self._all_closed is not None and not self._all_closed.done():
+            self._all_closed.set_result(None)
+
+    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Close idle connections now; give requests in flight ``grace`` seconds, then cut them.
+        Stop the listeners first, so that nothing new arrives."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn._shutdown()
+        if self.connections:
+            self._all_closed = self.loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_closed), grace)
+            except TimeoutError:
+                log.warning("%d connection(s) still busy after %gs; closing them",
+                            len(self.connections), grace)
+        tasks: list[asyncio.Task[Any]] = []
+        for conn in list(self.connections):
+            task = conn._task
+            if task is not None and not task.done():
+                task.cancel()
+                tasks.append(task)
+            conn._abort()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
