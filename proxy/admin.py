@@ -36,7 +36,8 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from . import metrics as metrics_module
-from .forward import Forwarder, Pool, load_session_keys
+from .forward import Forwarder, Pool
+from .keys import load_session_keys
 from .model import BalancerPool, FieldError, InvalidBalancerPool, parse_pools
 from .persist import ConfigStore, to_document
 from .scheduling import MemberState, Transition, bits_to_flags, flags_to_bits
@@ -131,14 +132,16 @@ class AdminAuth:
     A token also works as the password of Basic auth with the user name ``token``, so a browser
     can log in with only a token file."""
 
-    def __init__(self, users: Mapping[str, str] | None = None, tokens: Iterable[str] = ()) -> None:
+    def __init__(self, users: Mapping[str, str] | None = None, tokens: Iterable[str] = (),
+                 locked: bool = False) -> None:
+        """``locked``: no credentials on purpose; probes and metrics serve, nobody logs in."""
         self.users = dict(users or {})
         for user, encoded in self.users.items():
             problem = _check_hash(encoded)
             if problem is not None:
                 raise ValueError(f"user {user!r}: {problem}")
         self._tokens = [hashlib.sha256(t.encode()).digest() for t in tokens]
-        if not self.users and not self._tokens:
+        if not self.users and not self._tokens and not locked:
             raise ValueError("the admin listener needs a token file or a password file")
         #: sha256(user, password) -> expiry: PBKDF2 is slow on purpose, so a login is verified
         #: once and then remembered for a few minutes.

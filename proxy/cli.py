@@ -8,12 +8,17 @@ import logging
 import sys
 from pathlib import Path
 
+from .keys import load_session_keys
 from .model import InvalidBalancerPool, parse_listen, parse_pools
 
 #: Kept here (not imported from .server) so that ``check`` stays free of the server's imports.
 FRONTENDS = ("fast", "aiohttp")
 FRONTEND_HELP = ("HTTP front end: fast (httptools protocol, the default) or aiohttp "
                  "(aiohttp's low-level server)")
+
+
+def _admin(text: str) -> tuple[str, int] | None:
+    return None if text == "off" else _listen(text)
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -33,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--listen", type=_listen, metavar="HOST:PORT",
                        help="listen here instead of the file's spec.listen")
     proxy.add_argument("--frontend", choices=FRONTENDS, default="fast", help=FRONTEND_HELP)
+    proxy.add_argument("--admin", type=_admin, default=("127.0.0.1", 9090), metavar="HOST:PORT|off",
+                       help="the admin listener: /healthz, /readyz, /metrics and the balancer-manager "
+                            "(default 127.0.0.1:9090; 'off' for none)")
+    proxy.add_argument("--admin-token-file", type=Path, metavar="FILE",
+                       help="bearer tokens for the manager, one per line")
+    proxy.add_argument("--admin-password-file", type=Path, metavar="FILE",
+                       help="user:hash lines for the manager (python -m balancerpool.proxy.admin "
+                            "hash-password)")
+    proxy.add_argument("--persist", action="store_true",
+                       help="write manager changes back to FILE atomically (httpd's BalancerPersist)")
+    proxy.add_argument("--access-log", metavar="PATH|-", help="write an access log here ('-': stdout)")
+    proxy.add_argument("--access-log-format", choices=["plain", "json"], default="plain")
 
     demo = commands.add_parser("demo", help="start demo backends and the proxy on 127.0.0.1:8080")
     demo.add_argument("--listen", type=_listen, metavar="HOST:PORT")
@@ -48,6 +65,7 @@ def check(files: list[Path]) -> int:
     for path in files:
         try:
             pools = parse_pools(path.read_text(encoding="utf-8"))
+            load_session_keys(pools)
         except InvalidBalancerPool as exc:
             print(f"{path}: invalid, {len(exc.errors)} problem(s):", file=sys.stderr)
             for error in exc.errors:
@@ -62,10 +80,14 @@ def check(files: list[Path]) -> int:
     return status
 
 
-async def _serve(file: Path, listen: tuple[str, int] | None, frontend: str) -> int:
+async def _serve(args: argparse.Namespace) -> int:
+    from . import accesslog, metrics
+    from .admin import AdminAuth, start_admin
+    from .persist import FileStore
     from .server import ProxyServer, run_until_signalled
 
-    server = ProxyServer(file, listen, frontend=frontend)
+    file: Path = args.file
+    server = ProxyServer(file, args.listen, frontend=args.frontend)
     try:
         await server.start()
     except InvalidBalancerPool as exc:
@@ -74,10 +96,33 @@ async def _serve(file: Path, listen: tuple[str, int] | None, frontend: str) -> i
             print(f"  {error}", file=sys.stderr)
         await server.close()
         return 1
+    accesslog.configure(args.access_log, args.access_log_format)
+    admin = None
     try:
+        if args.admin is not None:
+            try:
+                if args.admin_token_file is None and args.admin_password_file is None:
+                    auth = AdminAuth(locked=True)
+                    logging.getLogger("balancerpool.proxy").warning(
+                        "no --admin-token-file or --admin-password-file: the balancer-manager is "
+                        "locked (probes and /metrics still serve)")
+                else:
+                    auth = AdminAuth.from_files(token_file=args.admin_token_file,
+                                                htpasswd_file=args.admin_password_file)
+            except (ValueError, OSError) as exc:
+                print(f"balancerpool: admin credentials: {exc}", file=sys.stderr)
+                return 1
+            admin, url = await start_admin(server.forwarder, args.admin[0], args.admin[1], auth=auth,
+                                           store=FileStore(file) if args.persist else None,
+                                           ready=lambda: server.generation > 0)
+            server.forwarder.metrics = metrics.enable(server.forwarder)
+            logging.getLogger("balancerpool.proxy").info("admin listener on %s", url)
         await run_until_signalled(server)
     finally:
+        if admin is not None:
+            await admin.cleanup()
         await server.close()
+        accesslog.configure(None)
     return 0
 
 
@@ -93,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         if args.command == "proxy":
             try:
-                return runner.run(_serve(args.file, args.listen, args.frontend))
+                return runner.run(_serve(args))
             except OSError as exc:
                 print(f"balancerpool: {exc}", file=sys.stderr)
                 return 1

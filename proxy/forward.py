@@ -14,19 +14,17 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from . import accesslog
 from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
 from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
+from .keys import load_session_keys
 from .messages import Body, ClientStream, RequestHead, Response, local_response
 from .metrics import ProxyMetrics
 from .model import (
     BalancerPool,
-    FieldError,
     HashOn,
-    InvalidBalancerPool,
     MemberSpec,
     RetryNonIdempotent,
     RouteSpec,
@@ -669,30 +667,6 @@ def _hash_key(head: RequestHead, spec: BalancerPool) -> str | None:
         return cookie_value((v for n, v in head.headers if n.lower() == "cookie"), h.name)
     low = h.name.lower()
     return next((v for n, v in head.headers if n.lower() == low), None)
-
-
-def load_session_keys(specs: list[BalancerPool]) -> dict[str, bytes]:
-    """Each pool's session-cookie HMAC key, read from its file at configuration time."""
-    keys: dict[str, bytes] = {}
-    errors: list[FieldError] = []
-    for spec in specs:
-        sc = spec.session_cookie
-        if sc is None:
-            continue
-        try:
-            key = Path(sc.key_file).read_bytes().strip()
-        except OSError as exc:
-            errors.append(FieldError("spec.sessionCookie.keyFile",
-                                     f"cannot be read: {exc.strerror or exc}", spec.name))
-            continue
-        if len(key) < 16:
-            errors.append(FieldError("spec.sessionCookie.keyFile",
-                                     f"holds {len(key)} bytes; a key needs at least 16", spec.name))
-            continue
-        keys[spec.name] = key
-    if errors:
-        raise InvalidBalancerPool(errors)
-    return keys
 
 
 def _non_idempotent_ok(head: RequestHead, spec: BalancerPool) -> bool:

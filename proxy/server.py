@@ -24,6 +24,7 @@ from aiohttp.web_request import BaseRequest
 
 from .forward import Forwarder
 from .frontend import KEEPALIVE_TIMEOUT, HttpServer
+from .keys import load_session_keys
 from .messages import RequestHead
 from .model import BalancerPool, InvalidBalancerPool, parse_pools
 from .upstream import UpstreamError
@@ -175,7 +176,9 @@ class ProxyServer:
         assert self.source is not None
         data = self.source.read_bytes()
         self.fingerprint = hashlib.sha256(data).digest()
-        return parse_pools(data.decode("utf-8"))
+        pools = parse_pools(data.decode("utf-8"))
+        load_session_keys(pools)  # a missing or weak key fails here, as part of the file
+        return pools
 
     async def _apply(self, pools: list[BalancerPool]) -> None:
         wanted = self._addresses(pools)

@@ -86,11 +86,20 @@ def test_proxy_reloads_on_change_and_keeps_last_good(
     port = free_port()
     path = tmp_path / "pool.yaml"
     path.write_text(yaml.safe_dump(pool_doc([{"url": a.url, "name": "a"}], listen="127.0.0.1:1")))
-    proc = balancerpool("proxy", str(path), "--listen", f"127.0.0.1:{port}")
+    admin = free_port()
+    log = tmp_path / "access.log"
+    proc = balancerpool("proxy", str(path), "--listen", f"127.0.0.1:{port}",
+                        "--admin", f"127.0.0.1:{admin}", "--access-log", str(log),
+                        "--access-log-format", "json")
     run.append(proc)
     out = Output(proc)
     url = f"http://127.0.0.1:{port}/"
     wait_until(lambda: fetch(url) == (200, "a\n"))  # --listen overrides spec.listen
+    # The admin listener: ready once a configuration is applied; metrics count the requests.
+    assert fetch(f"http://127.0.0.1:{admin}/readyz")[0] == 200
+    metrics = fetch(f"http://127.0.0.1:{admin}/metrics")[1]
+    assert 'balancerpool_requests_total{' in metrics and 'member="a"' in metrics
+    wait_until(lambda: log.exists() and '"member":"a"' in log.read_text())
 
     # A change of the file is picked up by itself.
     path.write_text(yaml.safe_dump(pool_doc([{"url": b.url, "name": "b"}])))
@@ -179,3 +188,21 @@ def test_demo_serves_and_stops_on_ctrl_c(run: list[subprocess.Popen[bytes]]) -> 
                          r"\(log in as 'admin', password (\S+)\)", out)
     assert password is not None, out
     assert "demo stopped" in out
+
+
+def test_check_reads_the_session_key_file(tmp_path: Path) -> None:
+    weak = tmp_path / "weak.key"
+    weak.write_text("short\n")
+    doc = pool_doc([{"url": "http://127.0.0.1:9", "name": "a", "route": "a"}],
+                   sessionCookie={"keyFile": str(tmp_path / "missing.key")})
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = subprocess.run([sys.executable, "-m", "balancerpool.proxy", "check", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "test: spec.sessionCookie.keyFile: cannot be read: No such file or directory" in result.stderr
+    doc["spec"]["sessionCookie"]["keyFile"] = str(weak)
+    path.write_text(yaml.safe_dump(doc))
+    result = subprocess.run([sys.executable, "-m", "balancerpool.proxy", "check", str(path)],
+                            capture_output=True, text=True, timeout=30)
+    assert "spec.sessionCookie.keyFile: holds 5 bytes; a key needs at least 16" in result.stderr

@@ -43,7 +43,7 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
 
 def spawn_proxy(pool: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "balancerpool.proxy", "--log-level", "WARNING",
-                             "proxy", str(pool), "--listen", f"127.0.0.1:{port}"],
+                             "proxy", str(pool), "--listen", f"127.0.0.1:{port}", "--admin", "off"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
