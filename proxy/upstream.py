@@ -259,9 +259,13 @@ class UpstreamConnection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             left = deadline - self.loop.time() if deadline else 0.0
-            if deadline and left <= 0:
-                raise UpstreamTimeout(f"backend did not send a response head within {timeout:g}s")
-            await self._wait_data(left, "waiting for the response head")
+            try:
+                if deadline and left <= 0:
+                    raise UpstreamTimeout("")
+                await self._wait_data(left, "waiting for the response head")
+            except UpstreamTimeout:
+                raise UpstreamTimeout(f"backend did not answer within {timeout:g}s while waiting "
+                                      "for the response head") from None
         return self.status, self.reason, self.headers
 
     async def read_body(self, timeout: float) -> bytes:
