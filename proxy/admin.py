@@ -38,7 +38,7 @@ from multidict import MultiDictProxy
 from . import metrics as metrics_module
 from .forward import Forwarder, Pool
 from .keys import load_session_keys
-from .model import BalancerPool, FieldError, InvalidBalancerPool, parse_pools
+from .model import BalancerPool, FieldError, InvalidBalancerPool, apply_flags, parse_pools
 from .persist import ConfigStore, to_document
 from .scheduling import MemberState, Transition, bits_to_flags, flags_to_bits
 
@@ -463,19 +463,14 @@ def _status(current: frozenset[str], value: Any) -> str:
                                                 f"flags from {MANAGER_FLAGS}, got {value!r}"}])
     text = value.replace(" ", "").replace(",", "")
     relative = any(c in "+-" for c in text)
-    flags = set(current) if relative else {f for f in current if f not in MANAGER_FLAGS}
-    sign = "+"
-    for ch in text:
-        if ch in "+-":
-            sign = ch
-            continue
-        flag = ch.upper()
-        if flag not in MANAGER_FLAGS:
-            raise Rejected(400, "invalid change", [{
-                "field": "status",
-                "reason": f"the manager sets only {' '.join(MANAGER_FLAGS)}, got {ch!r}"}])
-        (flags.add if sign == "+" else flags.discard)(flag)
-        sign = "+"
+    start = set(current) if relative else {f for f in current if f not in MANAGER_FLAGS}
+    try:
+        flags = apply_flags(text, MANAGER_FLAGS, start)
+    except ValueError:
+        bad = next(c for c in text if c not in "+-" and c.upper() not in MANAGER_FLAGS)
+        raise Rejected(400, "invalid change", [{
+            "field": "status",
+            "reason": f"the manager sets only {' '.join(MANAGER_FLAGS)}, got {bad!r}"}]) from None
     return "".join(sorted(flags))
 
 

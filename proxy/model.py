@@ -433,18 +433,24 @@ def _status(value: Any) -> frozenset[str]:
         value = "".join(str(v) for v in value)
     if not isinstance(value, str) or not _FLAGS_RE.match(value):
         raise ValueError(f"must be status flags from {MEMBER_FLAGS} such as 'D' or '+H', got {value!r}")
-    flags: set[str] = set()
+    return frozenset(apply_flags(value, MEMBER_FLAGS))
+
+
+def apply_flags(text: str, allowed: str, start: Iterable[str] = ()) -> set[str]:
+    """httpd's flag syntax applied to ``start``: a letter sets its flag, ``+X`` sets it, ``-X``
+    clears it. Raises ValueError for a letter outside ``allowed``."""
+    flags = set(start)
     sign = "+"
-    for ch in value:
+    for ch in text:
         if ch in "+-":
             sign = ch
             continue
         flag = ch.upper()
-        if flag not in MEMBER_FLAGS:
-            raise ValueError(f"unknown status flag {ch!r}: flags are {' '.join(MEMBER_FLAGS)}")
+        if flag not in allowed:
+            raise ValueError(f"unknown status flag {ch!r}: flags are {' '.join(allowed)}")
         (flags.add if sign == "+" else flags.discard)(flag)
         sign = "+"
-    return frozenset(flags)
+    return flags
 
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")

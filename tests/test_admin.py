@@ -25,6 +25,7 @@ from balancerpool.proxy.model import BalancerPool, parse_pools
 from balancerpool.proxy.persist import FileStore, dump, to_document, write_atomically
 
 from .conftest import Backends, get, pool_doc
+from .test_proxy import names
 
 TOKEN = "t0ken-for-the-admin-tests-0123456789"
 USER, PASSWORD = "op", "correct horse battery staple"
@@ -109,15 +110,6 @@ async def start_admin_for() -> AsyncIterator[Callable[..., Any]]:
         await runner.cleanup()
 
 
-async def proxied(client: aiohttp.ClientSession, url: str, n: int) -> list[str]:
-    out = []
-    for _ in range(n):
-        status, text, _ = await get(client, url)
-        assert status == 200, text
-        out.append(text.strip())
-    return out
-
-
 async def two_member_proxy(backends: Backends, start_proxy: Any, **spec: Any) -> Any:
     a, b = backends.start("a"), backends.start("b")
     proxy = await start_proxy(pool_doc([
@@ -170,7 +162,7 @@ async def test_page_shows_every_member_with_its_state(backends: Backends, start_
                                                       start_admin_for: Any,
                                                       client: aiohttp.ClientSession) -> None:
     proxy, a, b = await two_member_proxy(backends, start_proxy)
-    await proxied(client, proxy.url + "/", 4)
+    await names(client, proxy.url + "/", 4)
     admin = await start_admin_for(proxy.server.forwarder)
     async with admin.session.get(admin.url + "/balancer-manager", headers=admin.auth) as resp:
         assert resp.status == 200
@@ -190,7 +182,7 @@ async def test_api_lists_pools_members_and_counters(backends: Backends, start_pr
                                                     start_admin_for: Any,
                                                     client: aiohttp.ClientSession) -> None:
     proxy, _, _ = await two_member_proxy(backends, start_proxy)
-    await proxied(client, proxy.url + "/", 4)
+    await names(client, proxy.url + "/", 4)
     admin = await start_admin_for(proxy.server.forwarder)
     data = await admin.pools()
     assert data["csrf"] and data["persist"] is False
@@ -211,7 +203,7 @@ async def test_disable_member_through_the_api_then_it_gets_nothing(
         backends: Backends, start_proxy: Any, start_admin_for: Any,
         client: aiohttp.ClientSession) -> None:
     proxy, _a, b = await two_member_proxy(backends, start_proxy)
-    await proxied(client, proxy.url + "/", 4)
+    await names(client, proxy.url + "/", 4)
     admin = await start_admin_for(proxy.server.forwarder)
     before = await admin.pool()
     status, data = await admin.send("PATCH", "/api/pools/test/members/b", {"status": "D"})
@@ -222,12 +214,12 @@ async def test_disable_member_through_the_api_then_it_gets_nothing(
     assert member["elected"] == 2  # counters survive the change
     assert data["pool"]["nonce"] != before["nonce"]  # a new nonce for the next change
     served = len(b.requests())
-    assert await proxied(client, proxy.url + "/", 6) == ["a"] * 6
+    assert await names(client, proxy.url + "/", 6) == ["a"] * 6
     assert len(b.requests()) == served
     # And back: the flags are a full set, so an empty status clears D.
     status, data = await admin.send("PATCH", "/api/pools/test/members/b", {"status": ""})
     assert status == 200, data
-    assert sorted(set(await proxied(client, proxy.url + "/", 4))) == ["a", "b"]
+    assert sorted(set(await names(client, proxy.url + "/", 4))) == ["a", "b"]
     assert [t["signal"] for t in data["pool"]["members"][1]["history"]][-2:] == ["manager", "manager"]
 
 
@@ -267,7 +259,7 @@ async def test_edit_member_fields_pool_settings_and_add_member(
     assert status == 200, data
     added = data["pool"]["members"][2]
     assert added["name"] == "c" and added["state"]["signal"] == "manager"
-    assert "c" in await proxied(client, proxy.url + "/", 6)
+    assert "c" in await names(client, proxy.url + "/", 6)
 
 
 async def test_form_posts_redirect_back_to_the_page(backends: Backends, start_proxy: Any,
@@ -369,7 +361,7 @@ async def test_refused_changes_change_nothing(case: str, backends: Backends, sta
     assert words in data["error"], data
     assert admin.specs() == specs
     assert proxy.member("b").flags == flags and len(proxy.member("b").history) == history
-    assert "b" in await proxied(client, proxy.url + "/", 4)
+    assert "b" in await names(client, proxy.url + "/", 4)
 
 
 async def test_referer_stands_in_for_a_missing_origin(backends: Backends, start_proxy: Any,
@@ -611,7 +603,7 @@ async def test_metrics_parse_and_count_what_happened(backends: Backends, start_p
     # b's connection is refused: the request fails over to a (one retry, one failover).
     statuses = [await _request(handle) for _ in range(4)]
     assert statuses == [200] * 4
-    await proxied(client, proxy.url + "/", 2)  # not instrumented: only the live state counts it
+    await names(client, proxy.url + "/", 2)  # not instrumented: only the live state counts it
     status, text, _ = await get(client, admin.url + "/metrics")
     assert status == 200
     s = _samples(text)
