@@ -307,6 +307,15 @@ def balancerpool(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int
     argv = [sys.executable, *launcher, "proxy", str(pool), "--listen", f"127.0.0.1:{port}"]
     if ctx.frontend is not None:
         argv += ["--frontend", ctx.frontend]
+    usage = subprocess.run(
+        [sys.executable, *launcher, "proxy", "--help"],
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    if "--admin" in usage:
+        argv += ["--admin", "off"]  # no admin listener: a fixed port, and not what is measured
     log = ctx.tmp / "balancerpool.log"
     with started([*ctx.pin.proxy, *argv], log) as proc:
         wait_ready(proc, port, log, "balancerpool")

@@ -131,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "check":
         return check(args.files)
-    from .server import new_event_loop, set_default_frontend
+    from .server import new_event_loop
 
-    # run_demo() creates its ProxyServer without naming a front end: it gets this default.
-    set_default_frontend(args.frontend)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         if args.command == "proxy":
             try:
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         try:
-            runner.run(run_demo(args.listen))
+            runner.run(run_demo(args.listen, frontend=args.frontend))
         except OSError as exc:
             print(f"balancerpool demo: {exc}", file=sys.stderr)
             return 1

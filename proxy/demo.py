@@ -55,10 +55,10 @@ DEMO_ADMIN = ("127.0.0.1", 9090)
 
 
 async def run_demo(listen: tuple[str, int] | None = None,
-                   admin: tuple[str, int] = DEMO_ADMIN) -> None:
+                   admin: tuple[str, int] = DEMO_ADMIN, frontend: str | None = None) -> None:
     pools = parse_pools(demo_pool_text())
     runners = [await start_backend(m) for pool in pools for m in pool.members]
-    server = ProxyServer(None, listen, pools)
+    server = ProxyServer(None, listen, pools, frontend=frontend)
     try:
         await server.start()
         admin_runner, _, login = await start_demo_admin(server.forwarder, *admin)

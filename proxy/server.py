@@ -33,16 +33,8 @@ log = logging.getLogger("balancerpool.proxy")
 
 DEFAULT_LISTEN = ("127.0.0.1", 8080)
 FRONTENDS = ("fast", "aiohttp")
-#: The front end a ProxyServer gets when none is named (the command line may change it).
-default_frontend = "fast"
-
-
-def set_default_frontend(name: str) -> None:
-    """Choose the front end of every ProxyServer created without one (``--frontend``)."""
-    global default_frontend
-    if name not in FRONTENDS:
-        raise ValueError(f"unknown front end {name!r}: one of {', '.join(FRONTENDS)}")
-    default_frontend = name
+#: The front end a ProxyServer gets when none is named.
+DEFAULT_FRONTEND = "fast"
 
 
 class _Listener(Protocol):
@@ -148,7 +140,7 @@ class ProxyServer:
         self.listen_override = listen
         self.loop = asyncio.get_running_loop()
         self.forwarder = Forwarder(self.loop, clock)
-        self.frontend = frontend or default_frontend
+        self.frontend = frontend or DEFAULT_FRONTEND
         self.server: _Listener
         if self.frontend == "fast":
             self.server = HttpServer(self.forwarder.handle, keepalive_timeout=keepalive_timeout,

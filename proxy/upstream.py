@@ -307,6 +307,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = keep_alive
         if self.head_only:
             self.parser = httptools.HttpResponseParser(self)
+            # A HEAD answer that announced a body: some servers send it anyway, and those bytes
+            # would land in the next exchange on this connection. Never reuse it.
+            for name, value in self.headers:
+                low = name.lower()
+                if (low == b"transfer-encoding"
+                        or (low == b"content-length" and value.strip() not in (b"", b"0"))):
+                    self.keep_alive = False
+                    break
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:

@@ -62,7 +62,7 @@ def build_app(name: str, route: str | None, log: Path | None) -> web.Application
         if request.query.get("chunked") != "1":
             response.content_length = size
         await response.prepare(request)
-        left = size
+        left = size if request.method != "HEAD" else 0
         while left > 0:
             piece = block[: min(left, len(block))]
             await response.write(piece)

@@ -572,16 +572,11 @@ async def test_front_end_choice(start_proxy: Any) -> None:
 
     proxy = await start_proxy(pool_doc([], routes=[{"path": "/app"}]))
     assert proxy.server.frontend == "fast" and isinstance(proxy.server.server, frontend.HttpServer)
-    assert server.default_frontend == "fast"
+    assert server.ProxyServer(None, ("127.0.0.1", 0), []).frontend == server.DEFAULT_FRONTEND == "fast"
     for command in (["proxy", "pool.yaml"], ["demo"]):
         assert build_parser().parse_args(command).frontend == "fast"
         assert build_parser().parse_args([*command, "--frontend", "aiohttp"]).frontend == "aiohttp"
-    # `balancerpool demo --frontend aiohttp`: run_demo() names no front end, so the default counts.
-    server.set_default_frontend("aiohttp")
-    try:
-        other = server.ProxyServer(None, ("127.0.0.1", 0), [])
-        assert other.frontend == "aiohttp" and not isinstance(other.server, frontend.HttpServer)
-    finally:
-        server.set_default_frontend("fast")
+    other = server.ProxyServer(None, ("127.0.0.1", 0), [], frontend="aiohttp")
+    assert other.frontend == "aiohttp" and not isinstance(other.server, frontend.HttpServer)
     with pytest.raises(ValueError, match="unknown front end"):
         server.ProxyServer(None, ("127.0.0.1", 0), [], frontend="h2o")
