@@ -16,7 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from . import accesslog
-from .headers import OWN_REQUEST_FIELDS, end_to_end, forwarded_for, map_path, reverse_location
+from .headers import (
+    OWN_REQUEST_FIELDS,
+    REVERSE_FIELDS,
+    end_to_end,
+    map_path,
+    request_fields,
+    reverse_location,
+)
 from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
 from .keys import load_session_keys
@@ -534,12 +541,9 @@ class Forwarder:
     @staticmethod
     def _fixed_headers(head: RequestHead, body: Body, drop: frozenset[str]) -> str:
         """The request fields that do not depend on the member chosen."""
-        lines = [f"{n}: {v}" for n, v in end_to_end(head.headers, drop)]
-        lines.append(f"X-Forwarded-For: {forwarded_for(head.headers, head.client)}")
-        if head.host:
-            lines.append(f"X-Forwarded-Host: {forwarded_for(head.headers, head.host, 'x-forwarded-host')}")
+        lines, websocket = request_fields(head.headers, drop, head.client, head.host)
         lines.append(f"X-Forwarded-Proto: {head.scheme}")
-        if is_websocket_upgrade(head):
+        if websocket and head.method == "GET":
             lines.append("Upgrade: websocket")
             lines.append("Connection: Upgrade")
         if body.length is None:
@@ -583,7 +587,7 @@ class Forwarder:
             origin = f"{head.scheme}://{head.host}" if head.host else ""
             bases = pool.reverse_bases[route.spec.path]
             out = [(n, reverse_location(v, bases, route.backend_prefix, origin, route.prefix))
-                   if n.lower() in ("location", "content-location", "uri") else (n, v) for n, v in out]
+                   if n.lower() in REVERSE_FIELDS else (n, v) for n, v in out]
         timeout = member.spec.timeout
         bodiless = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         spec = pool.spec

@@ -55,8 +55,31 @@ def reverse_location(value: str, backend_urls: Iterable[str], backend_prefix: st
     return value
 
 
-def forwarded_for(headers: Iterable[tuple[str, str]], value: str, field: str = "x-forwarded-for"
-                  ) -> str:
-    """An ``X-Forwarded-*`` list with this hop's value appended, as httpd does."""
-    previous = [v for n, v in headers if n.lower() == field]
-    return ", ".join([*previous, value])
+def request_fields(headers: list[tuple[str, str]], drop: frozenset[str], client: str, host: str
+                   ) -> tuple[list[str], bool]:
+    """The request fields to forward as ``Name: value`` lines, in two passes over the headers
+    (the proxy's per-request path): the end-to-end fields, then ``X-Forwarded-For`` and
+    ``X-Forwarded-Host`` with this hop appended to any list the client sent, as httpd does.
+    Also says whether the request asks for a WebSocket (``Upgrade: websocket`` with
+    ``Connection: upgrade``; the method is the caller's to check)."""
+    listed = connection_tokens(headers)
+    lines: list[str] = []
+    xff: list[str] = []
+    xfh: list[str] = []
+    websocket = False
+    for name, value in headers:
+        low = name.lower()
+        if low == "x-forwarded-for":
+            xff.append(value)
+        elif low == "x-forwarded-host":
+            xfh.append(value)
+        elif low == "upgrade" and "websocket" in value.lower():
+            websocket = True
+        if low not in HOP_BY_HOP and low not in listed and low not in drop:
+            lines.append(f"{name}: {value}")
+    xff.append(client)
+    lines.append(f"X-Forwarded-For: {', '.join(xff)}")
+    if host:
+        xfh.append(host)
+        lines.append(f"X-Forwarded-Host: {', '.join(xfh)}")
+    return lines, websocket and "upgrade" in listed

@@ -123,11 +123,6 @@ class FrontEnd:
         return response
 
 
-def read_config(path: Path) -> list[BalancerPool]:
-    """Every BalancerPool in ``path``; InvalidBalancerPool (or OSError) when it cannot be used."""
-    return parse_pools(path.read_text(encoding="utf-8"))
-
-
 class ProxyServer:
     """Listeners plus a Forwarder, reconfigured from a file on SIGHUP or when it changes."""
 
