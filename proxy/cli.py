@@ -8,8 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .hardening import DEFAULT_LIMITS, Limits
 from .keys import load_session_keys
-from .model import InvalidBalancerPool, parse_listen, parse_pools
+from .model import InvalidBalancerPool, parse_duration, parse_listen, parse_pools
 
 #: Kept here (not imported from .server) so that ``check`` stays free of the server's imports.
 FRONTENDS = ("fast", "aiohttp")
@@ -26,6 +27,46 @@ def _listen(text: str) -> tuple[str, int]:
         return parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: The listener's client limits (hardening.Limits), one option each: --max-request-line ...
+LIMIT_HELP = {
+    "max_request_line": "bytes in a request line; 414 beyond",
+    "max_header_size": "bytes in one header field; 431 beyond",
+    "max_headers": "header fields in a request; 400 beyond",
+    "max_header_section": "bytes in a request's header section; 431 beyond",
+    "header_timeout": "time from a request's first byte (a connection's accept) to the end of its "
+                      "head; 408 after",
+    "body_timeout": "time a request body may take, plus 1s per --body-min-rate bytes; 408 after",
+    "body_min_rate": "bytes per second that earn a slow body one more second",
+    "keepalive_timeout": "an idle keep-alive connection is closed after this",
+}
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("client limits (the fast front end; see docs/security.md)")
+    for name, text in LIMIT_HELP.items():
+        default = getattr(DEFAULT_LIMITS, name)
+        timed = isinstance(default, float)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=_duration if timed else int,
+                           metavar="DURATION" if timed else "N", help=f"{text} (default {default:g})")
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The Limits the options ask for; raises ValueError naming each bad option."""
+    given = {name: getattr(args, name) for name in LIMIT_HELP if getattr(args, name, None) is not None}
+    limits = Limits(**given)
+    errors = limits.errors()
+    if errors:
+        raise ValueError("; ".join("--" + e.replace("_", "-") for e in errors))
+    return limits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write manager changes back to FILE atomically (httpd's BalancerPersist)")
     proxy.add_argument("--access-log", metavar="PATH|-", help="write an access log here ('-': stdout)")
     proxy.add_argument("--access-log-format", choices=["plain", "json"], default="plain")
+    _add_limits(proxy)
 
     demo = commands.add_parser("demo", help="start demo backends and the proxy on 127.0.0.1:8080")
     demo.add_argument("--listen", type=_listen, metavar="HOST:PORT")
@@ -87,7 +129,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from .server import ProxyServer, run_until_signalled
 
     file: Path = args.file
-    server = ProxyServer(file, args.listen, frontend=args.frontend)
+    server = ProxyServer(file, args.listen, frontend=args.frontend, limits=args.limits)
     try:
         await server.start()
     except InvalidBalancerPool as exc:
@@ -127,7 +169,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "proxy":
+        try:
+            args.limits = limits_from(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "check":
         return check(args.files)

@@ -341,6 +341,12 @@ class Forwarder:
         buffered: bytes | None = None
         if has_body and method_ok and body.length is not None and body.length <= spec.retry_buffer:
             buffered = await _read_all(body)
+        # A chunked body's first piece (what came with the head) is read before anything goes
+        # out: a body broken from its first bytes (a bad chunk size or extension) is refused
+        # with nothing sent to a member. Not when the client waits for 100 Continue.
+        prefix: bytes | None = None
+        if body.length is None and not _expects_continue(head):
+            prefix = await body.read()
         resendable = method_ok and (not has_body or buffered is not None)
         session, signed, reason = self._session(head, pool) if pool.sticky else (NO_ROUTE, None, None)
         hash_key = _hash_key(head, spec) if spec.hash is not None else None
@@ -410,7 +416,7 @@ class Forwarder:
                         member.transferred += len(buffered)
                         await conn.write(buffered, m.timeout)
                     else:
-                        await self._send_body(conn, body, member)
+                        await self._send_body(conn, body, member, prefix)
                 status, reason_phrase, raw_headers = await conn.read_head(m.timeout)
             except UpstreamError as exc:
                 member.busy -= 1
@@ -553,11 +559,16 @@ class Forwarder:
         return "\r\n".join(lines) + "\r\n"
 
     @staticmethod
-    async def _send_body(conn: UpstreamConnection, body: Body, member: MemberState) -> None:
+    async def _send_body(conn: UpstreamConnection, body: Body, member: MemberState,
+                         prefix: bytes | None) -> None:
+        """``prefix``: the body's first piece, already read (b"" when that was its end)."""
         timeout = member.spec.timeout
         chunked = body.length is None
         while True:
-            chunk = await body.read()
+            if prefix is not None:
+                chunk, prefix = prefix, None
+            else:
+                chunk = await body.read()
             if not chunk:
                 break
             member.transferred += len(chunk)
@@ -679,6 +690,10 @@ def _non_idempotent_ok(head: RequestHead, spec: BalancerPool) -> bool:
         return True
     return policy is RetryNonIdempotent.WITH_IDEMPOTENCY_KEY and any(
         n.lower() == "idempotency-key" and v.strip() for n, v in head.headers)
+
+
+def _expects_continue(head: RequestHead) -> bool:
+    return any(n.lower() == "expect" and v.strip().lower() == "100-continue" for n, v in head.headers)
 
 
 async def _read_all(body: Body) -> bytes:

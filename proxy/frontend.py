@@ -19,8 +19,14 @@ Connection rules:
   the core has read them below ``LOW_WATER``. A body the core did not read is discarded when at
   most ``DISCARD_MAX`` bytes of it are left, otherwise the connection is closed after the
   response (a lingering close, so that the client still gets the response rather than a reset).
-- Errors: malformed request 400, request line over ``MAX_LINE`` 414, a header field over
-  ``MAX_FIELD`` bytes or more than ``MAX_FIELDS`` of them 431; each closes the connection.
+- Errors: a malformed request 400, a request line over ``max_request_line`` 414, a header
+  field over ``max_header_size`` or a header section over ``max_header_section`` bytes 431,
+  more than ``max_headers`` fields 400, and whatever :mod:`.hardening` refuses; each closes the
+  connection. None of these requests reaches the core, so none reaches a backend.
+- Slow clients: a request head must be complete within ``header_timeout`` of its first byte
+  (of the accept, for a connection's first request), a body must keep up with
+  ``body_timeout`` plus ``body_min_rate``; else 408 and the connection is closed. One sweep per
+  server checks every connection a few times per timeout, so requests pay nothing for it.
 - Upgrades: after a request with ``Upgrade`` (and no body) what the client sends next is held
   until the answer. A 101 whose Response carries ``upgrade`` turns the connection into a raw
   tunnel (:class:`ClientTunnel`, the seam's ClientStream) for as long as ``upgrade`` runs; any
@@ -38,6 +44,7 @@ from typing import Any, cast
 
 import httptools
 
+from .hardening import DEFAULT_LIMITS, BadRequest, Limits, check_head, check_transfer_encoding, split_target
 from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response
 from .upstream import UpstreamError
 
@@ -57,30 +64,15 @@ FLUSH_SIZE = 64 * 1024
 JOIN_SIZE = 4096
 #: At most this much of an unread request body is read and thrown away to keep the connection.
 DISCARD_MAX = 64 * 1024
-#: httpd's LimitRequestLine, LimitRequestFieldSize and (roughly) LimitRequestFields.
-MAX_LINE = 8190
-MAX_FIELD = 8190
-MAX_FIELDS = 128
-#: The most head bytes held while a head is incomplete (httptools keeps a partial field itself).
-MAX_HEAD = MAX_LINE + MAX_FIELDS * (MAX_FIELD + 2) + 2
-KEEPALIVE_TIMEOUT = 75.0
 #: How long a closing connection keeps reading (and dropping) what the client still sends.
 LINGER_TIMEOUT = 2.0
 SHUTDOWN_GRACE = 5.0
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
-_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9)}
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+_V11 = _VERSIONS["1.1"]
 _METHODS: dict[bytes, str] = {}
-
-
-class BadRequest(Exception):
-    """A request the front end refuses; ``status`` is 400, 414 or 431."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 class ClientGone(ConnectionResetError):
@@ -112,6 +104,8 @@ class RequestBody:
             if not self._chunks and not self.complete and self._error is None:
                 self._conn._send_continue()
         while True:
+            if self._error is not None:
+                raise self._error  # what arrived before the break is of no use
             chunks = self._chunks
             if chunks:
                 chunk = b"".join(chunks)  # the one chunk itself when there is one
@@ -123,8 +117,6 @@ class RequestBody:
                 return chunk
             if self.complete:
                 return b""
-            if self._error is not None:
-                raise self._error
             fut = self._waiter = self._conn._loop.create_future()
             try:
                 await fut
@@ -224,7 +216,8 @@ class ClientTunnel:
 
 
 # A queued pipelined request, or the status of a parse error to answer in its turn.
-_Queued = tuple[RequestHead, Body, bool] | int
+#: A request parsed while another is served, or the refusal of one.
+_Queued = tuple[RequestHead, Body, bool] | BadRequest
 
 
 class HttpConnection(asyncio.Protocol):
@@ -236,6 +229,7 @@ class HttpConnection(asyncio.Protocol):
         self._loop = server.loop
         self._transport: asyncio.Transport = cast(asyncio.Transport, None)
         self._parser = httptools.HttpRequestParser(self)
+        self._limits = server.limits
         self._client = ""
         self._lost = False
         self._eof = False
@@ -250,13 +244,23 @@ class HttpConnection(asyncio.Protocol):
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
-        self._host = ""
+        self._host: str | None = None
+        #: The last Host value that passed the head checks (most requests repeat it).
+        self._checked_host: str | None = None
         self._length = 0
         self._chunked = False
         self._expect = False
         self._upgrade = False
         self._in_head = False
         self._head_size = 0
+        #: The head's request line and complete fields, as parsed (max_header_section).
+        self._fields_size = 0
+        #: When the head being received started (None: not timed yet); the server's sweep
+        #: compares it with header_timeout.
+        self._head_since: float | None = None
+        #: When the body being received was last seen moving, and its size then (body_timeout).
+        self._body_since: float | None = None
+        self._body_base = 0
         self._error_status = 400
         self._body_in: RequestBody | None = None
         #: A body llhttp skipped (an Upgrade request's): fed again after a synthetic head.
@@ -298,8 +302,9 @@ class HttpConnection(asyncio.Protocol):
             self._closing = True
             transport.close()
             return
-        self._idle_since = self._loop.time()
-        self._timer = self._loop.call_later(server.keepalive_timeout, self._on_timer)
+        self._idle_since = self._head_since = self._loop.time()
+        self._timer = self._loop.call_later(self._limits.keepalive_timeout, self._on_timer)
+        server._watch(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -321,7 +326,7 @@ class HttpConnection(asyncio.Protocol):
             self._tunnel._end()
         if self._queue:
             for item in self._queue:
-                if not isinstance(item, int) and isinstance(item[1], RequestBody):
+                if isinstance(item, tuple) and isinstance(item[1], RequestBody):
                     item[1]._fail(gone)
 
     def data_received(self, data: bytes) -> None:
@@ -345,9 +350,11 @@ class HttpConnection(asyncio.Protocol):
                 return
             break
         if self._in_head:
+            # httptools holds a field in progress itself: count what it holds.
             self._head_size += len(data)
-            if self._head_size > MAX_HEAD:
-                self._parse_error(BadRequest(431, "request header section too large"))
+            if self._head_size > self._limits.max_header_section:
+                self._parse_error(BadRequest(
+                    431, f"request header section over {self._limits.max_header_section} bytes"))
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -378,7 +385,8 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._headers = []
-        self._host = ""
+        self._fields_size = 0
+        self._host = None
         self._length = 0
         self._chunked = False
         self._expect = False
@@ -387,31 +395,39 @@ class HttpConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         url = self._url + url if self._url else url
         self._url = url
-        if len(url) > MAX_LINE - 20 and len(self._parser.get_method()) + len(url) + 10 > MAX_LINE:
+        self._fields_size = len(url) + 16
+        limit = self._limits.max_request_line
+        if len(url) > limit - 20 and len(self._parser.get_method()) + len(url) + 10 > limit:
             self._error_status = 414
-            raise BadRequest(414, "request line too long")
+            raise BadRequest(414, f"request line over {limit} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
-        if len(headers) >= MAX_FIELDS:
-            self._error_status = 431
-            raise BadRequest(431, f"more than {MAX_FIELDS} header fields")
+        limits = self._limits
+        if len(headers) >= limits.max_headers:
+            raise BadRequest(400, f"more than {limits.max_headers} header fields")
         size = len(name)
-        if size + len(value) + 2 > MAX_FIELD:
-            self._error_status = 431
-            raise BadRequest(431, "request header field too large")
+        if size + len(value) + 2 > limits.max_header_size:
+            raise BadRequest(431, f"a request header field over {limits.max_header_size} bytes")
+        self._fields_size += size + len(value) + 4
+        if self._fields_size > limits.max_header_section:
+            raise BadRequest(431, f"request header section over {limits.max_header_section} bytes")
         n = name.decode("latin-1")
         v = value.decode("latin-1")
         headers.append((n, v))
         if size == 4:
-            if not self._host and n.lower() == "host":
+            if n.lower() == "host":
+                if self._host is not None:
+                    raise BadRequest(400, "more than one Host header field")
                 self._host = v
         elif size == 14:
             if n.lower() == "content-length":
                 self._length = int(v)  # llhttp has checked the digits and refused duplicates
         elif size == 17:
             if n.lower() == "transfer-encoding":
-                self._chunked = True  # llhttp refuses a request TE not ending in chunked
+                # llhttp finds a bad one only where the body starts, after the head went out.
+                check_transfer_encoding(v)
+                self._chunked = True
         elif size == 6:
             if n.lower() == "expect" and v.strip().lower() == "100-continue":
                 self._expect = True
@@ -421,6 +437,7 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_size = 0
+        self._head_since = None
         if self._synthetic:
             # The made-up head in front of an Upgrade request's body: only its body counts.
             self._synthetic = False
@@ -432,14 +449,23 @@ class HttpConnection(asyncio.Protocol):
         method = _METHODS.get(raw_method)
         if method is None:
             method = _METHODS[raw_method] = raw_method.decode("ascii")
-        version = _VERSIONS.get(parser.get_http_version(), (1, 1))
+        raw_version = parser.get_http_version()
+        version = _VERSIONS.get(raw_version) or _version(raw_version)
         keep_alive = parser.should_keep_alive()
         url = self._url.decode("latin-1")
         host = self._host
         if url[:1] == "/":
             path, _, query = url.partition("?")
+            if version is not _V11 or host is None or host != self._checked_host or self._chunked:
+                check_head(method, version, url, host, None, self._chunked)
+                self._checked_host = host
         else:
-            path, query, host = _other_form(url, host)
+            path, query, authority = split_target(url)
+            check_head(method, version, url, host, authority, self._chunked)
+            if authority is not None:
+                host = authority
+        if host is None:
+            host = ""
         if self._chunked:
             body: Body = RequestBody(self, None, self._expect)
         elif self._length:
@@ -447,9 +473,9 @@ class HttpConnection(asyncio.Protocol):
         else:
             body = EMPTY_BODY
         head = RequestHead(method, path, query, version, self._headers, host, self._client)
-        if self._upgrade or method == "CONNECT":
+        if self._upgrade:
             self._upgrade_head = head
-            keep_alive = self._upgrade_request(method, body, keep_alive)
+            keep_alive = self._upgrade_request(body, keep_alive)
         elif body is not EMPTY_BODY:
             self._body_in = cast(RequestBody, body)
         if self._serving:
@@ -499,8 +525,8 @@ class HttpConnection(asyncio.Protocol):
                     item = queue.popleft()
                     if not queue:
                         self._maybe_resume()
-                    if isinstance(item, int):
-                        self._send_error(item, _PHRASES.get(item, "Bad Request"))
+                    if isinstance(item, BadRequest):
+                        self._send_error(item.status, item.detail)
                         break
                     head, body, keep_alive = item
                     continue
@@ -745,12 +771,13 @@ class HttpConnection(asyncio.Protocol):
         self._pause()
 
     def _parse_error(self, exc: Exception) -> None:
-        status = exc.status if isinstance(exc, BadRequest) else self._error_status
-        if isinstance(exc, httptools.HttpParserCallbackError) and isinstance(exc.__context__,
-                                                                             BadRequest):
-            detail = exc.__context__.detail
+        refused = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else exc
+        if isinstance(refused, BadRequest):
+            status, detail = refused.status, refused.detail
         else:
-            detail = str(exc) or "malformed request"
+            status, detail = self._error_status, str(exc) or "malformed request"
+        if status != 400:
+            log.info("client %s: %d %s", self._client, status, detail)
         self._stop_parsing = True
         self._pause()
         body = self._body_in
@@ -759,18 +786,15 @@ class HttpConnection(asyncio.Protocol):
             body._fail(BadRequest(status, detail))
             return
         if self._serving:
-            self._enqueue(status)
+            self._enqueue(BadRequest(status, detail))
         else:
             self._send_error(status, detail)
             self._close()
 
-    def _upgrade_request(self, method: str, body: Body, keep_alive: bool) -> bool:
-        """llhttp treats ``Upgrade`` and ``CONNECT`` requests as the end of HTTP on the
-        connection. Here they are ordinary requests (no tunnel yet); returns keep-alive."""
-        if method == "CONNECT":
-            self._stop_parsing = True  # what follows would be tunnel bytes
-            self._pause()
-            return False
+    def _upgrade_request(self, body: Body, keep_alive: bool) -> bool:
+        """llhttp treats an ``Upgrade`` request as the end of HTTP on the connection. Here it is
+        an ordinary request (no tunnel yet); returns keep-alive. (``CONNECT`` never gets here:
+        it is refused with the head.)"""
         if body is not EMPTY_BODY:
             if self._parser.should_upgrade():
                 self._upgrade_body = cast(RequestBody, body)  # llhttp skips it: fed again later
@@ -866,7 +890,7 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._transport.close()
             return
-        timeout = self._server.keepalive_timeout
+        timeout = self._limits.keepalive_timeout
         idle = self._idle_since
         if idle is None:
             self._timer = loop.call_later(timeout, self._on_timer)
@@ -879,6 +903,48 @@ class HttpConnection(asyncio.Protocol):
         self._stop_parsing = True
         self._transport.close()
 
+    def _check_slow(self, now: float) -> None:
+        """The sweep's look at this connection: a head past header_timeout, a body behind
+        body_timeout and body_min_rate."""
+        if self._lost or self._lingering or self._stop_parsing:
+            return
+        limits = self._limits
+        since = self._head_since
+        if self._in_head:
+            if since is None:
+                self._head_since = now  # a keep-alive connection's next request: timed from here
+            elif now - since > limits.header_timeout:
+                self._parse_error(BadRequest(
+                    408, f"request head not complete after {limits.header_timeout:g}s"))
+                return
+        elif since is not None and not self._serving and now - since > limits.header_timeout:
+            # A new connection that never sent a byte: close without an answer, as for an idle
+            # keep-alive connection.
+            log.debug("client %s: nothing received in %gs, closed", self._client, limits.header_timeout)
+            self._stop_parsing = True
+            self._transport.close()
+            return
+        body = self._body_in
+        if body is None or body.complete or body.expect or self._reading_paused:
+            self._body_since = None  # not the client's turn: the window starts when it is
+            return
+        if self._body_since is None:
+            self._body_since, self._body_base = now, body.received
+            return
+        allowed = limits.body_timeout + (
+            (body.received - self._body_base) / limits.body_min_rate if limits.body_min_rate else 0.0)
+        if now - self._body_since > allowed:
+            detail = (f"request body too slow: {body.received - self._body_base} bytes in "
+                      f"{now - self._body_since:.1f}s")
+            log.info("client %s: %s; 408, closed", self._client, detail)
+            self._stop_parsing = True
+            self._pause()
+            body._fail(BadRequest(408, detail))
+            self._body_in = None
+            if not self._serving:
+                self._send_error(408, detail)
+                self._close()
+
     def _shutdown(self) -> None:
         """Stop serving: close now when idle, after the request in flight otherwise."""
         self._closing = True
@@ -887,42 +953,44 @@ class HttpConnection(asyncio.Protocol):
             self._transport.close()
 
 
-def _other_form(url: str, host: str) -> tuple[str, str, str]:
-    """Path, query and host of a request target not in origin form: absolute form
-    (``http://host/path``, whose authority replaces Host), ``*`` or an authority (CONNECT)."""
-    lower = url[:8].lower()
-    if lower.startswith("http://") or lower.startswith("https://"):
-        rest = url[url.index("//") + 2:]
-        cut = len(rest)
-        for sep in "/?":
-            at = rest.find(sep)
-            if at != -1 and at < cut:
-                cut = at
-        authority = rest[:cut].rpartition("@")[2]
-        target = rest[cut:]
-        if not target.startswith("/"):
-            target = "/" + target
-        path, _, query = target.partition("?")
-        return path, query, authority or host
-    path, _, query = url.partition("?")
-    return path, query, host
+def _version(text: str) -> tuple[int, int]:
+    """An HTTP version other than 1.0 and 1.1, for check_head to refuse."""
+    major, _, minor = text.partition(".")
+    return (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (0, 0)
 
 
 class HttpServer:
     """The protocol factory for ``loop.create_server`` plus the set of open connections."""
 
-    def __init__(self, handler: Handler, *, keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+    def __init__(self, handler: Handler, *, limits: Limits = DEFAULT_LIMITS,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.handler = handler
-        self.keepalive_timeout = keepalive_timeout
+        self.limits = limits
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()
         self._to_flush: list[HttpConnection] = []
         self.closing = False
         self._all_closed: asyncio.Future[None] | None = None
+        #: The slow-client sweep: a few times per timeout, while there are connections.
+        self._sweep_every = min(1.0, max(0.05, min(limits.header_timeout, limits.body_timeout) / 4))
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> HttpConnection:
         return HttpConnection(self)
+
+    def _watch(self, conn: HttpConnection) -> None:
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
+
+    def _sweep(self) -> None:
+        """Cut clients too slow with a request head or body (slowloris and its kin)."""
+        self._sweeper = None
+        if not self.connections:
+            return
+        now = self.loop.time()
+        for conn in list(self.connections):
+            conn._check_slow(now)
+        self._sweeper = self.loop.call_later(self._sweep_every, self._sweep)
 
     def _queue_flush(self, conn: HttpConnection) -> None:
         """Write ``conn``'s gathered output when the event loop turns (unless written before):
@@ -966,3 +1034,6 @@ class HttpServer:
             conn._abort()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None

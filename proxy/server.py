@@ -23,7 +23,8 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from .forward import Forwarder
-from .frontend import KEEPALIVE_TIMEOUT, HttpServer
+from .frontend import HttpServer
+from .hardening import DEFAULT_LIMITS, BadRequest, Limits, check_head, check_transfer_encoding, split_target
 from .keys import load_session_keys
 from .messages import RequestHead
 from .model import BalancerPool, InvalidBalancerPool, parse_pools
@@ -72,14 +73,31 @@ class FrontEnd:
 
     async def __call__(self, request: BaseRequest) -> web.StreamResponse:
         raw = request.raw_path
-        path, _, query = raw.partition("?")
+        version = (request.version.major, request.version.minor)
+        host = request.headers.get("Host")
+        try:
+            # aiohttp's parser (llhttp too) refuses what the fast front end's does, except
+            # for what hardening checks.
+            chunked = "Transfer-Encoding" in request.headers
+            if chunked:
+                check_transfer_encoding(request.headers["Transfer-Encoding"])
+            if raw[:1] == "/":
+                path, _, query = raw.partition("?")
+                authority = None
+            else:
+                path, query, authority = split_target(raw)
+            check_head(request.method, version, raw, host, authority, chunked)
+        except BadRequest as exc:
+            refusal = web.Response(status=exc.status, text=f"{exc.status} {exc.detail}\n")
+            refusal.force_close()
+            return refusal
         head = RequestHead(
             method=request.method,
             path=path,
             query=query,
-            version=(request.version.major, request.version.minor),
+            version=version,
             headers=[(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.raw_headers],
-            host=request.headers.get("Host", ""),
+            host=authority or host or "",
             client=request.remote or "",
         )
         body = RequestBody(request)
@@ -130,7 +148,7 @@ class ProxyServer:
                  pools: list[BalancerPool] | None = None,
                  clock: Callable[[], float] = time.monotonic, *,
                  frontend: str | None = None,
-                 keepalive_timeout: float = KEEPALIVE_TIMEOUT) -> None:
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.source = source
         self.listen_override = listen
         self.loop = asyncio.get_running_loop()
@@ -138,12 +156,13 @@ class ProxyServer:
         self.frontend = frontend or DEFAULT_FRONTEND
         self.server: _Listener
         if self.frontend == "fast":
-            self.server = HttpServer(self.forwarder.handle, keepalive_timeout=keepalive_timeout,
-                                     loop=self.loop)
+            self.server = HttpServer(self.forwarder.handle, limits=limits, loop=self.loop)
         elif self.frontend == "aiohttp":
             self.server = web.Server(FrontEnd(self.forwarder), access_log=None,
-                                     auto_decompress=False, keepalive_timeout=keepalive_timeout,
-                                     max_line_size=8190, max_field_size=8190)
+                                     auto_decompress=False, keepalive_timeout=limits.keepalive_timeout,
+                                     max_line_size=limits.max_request_line,
+                                     max_field_size=limits.max_header_size,
+                                     max_headers=limits.max_headers)
         else:
             raise ValueError(f"unknown front end {self.frontend!r}: one of {', '.join(FRONTENDS)}")
         self.listeners: dict[tuple[str, int], asyncio.Server] = {}

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
+from balancerpool.proxy.hardening import DEFAULT_LIMITS, Limits
 from balancerpool.proxy.model import parse_pools
 from balancerpool.proxy.server import ProxyServer
 
@@ -161,15 +162,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 async def start_proxy(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     """``await start_proxy(doc, ...)``: an in-process proxy on a free port from BalancerPool docs,
-    once with each front end. ``keepalive_timeout=`` sets the front end's idle timeout."""
+    once with each front end. ``limits=`` sets the listener's limits and timeouts."""
     servers: list[ProxyServer] = []
     frontend: str = request.param
 
-    async def start(*docs: dict[str, Any], keepalive_timeout: float = 75.0) -> RunningProxy:
+    async def start(*docs: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> RunningProxy:
         pools = parse_pools(yaml.safe_dump_all(docs))
         clock = FakeClock()
         server = ProxyServer(None, ("127.0.0.1", 0), pools, clock=clock, frontend=frontend,
-                             keepalive_timeout=keepalive_timeout)
+                             limits=limits)
         servers.append(server)
         await server.start()
         host, port = server.addresses[0]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from balancerpool.proxy import frontend
+from balancerpool.proxy.hardening import DEFAULT_LIMITS, Limits
 from balancerpool.proxy.messages import Body, ClientStream, RequestHead, Response
 
 from .conftest import Backend, Backends, pool_doc, wait_for
@@ -281,22 +282,23 @@ async def test_oversized_request_line_is_414(backends: Backends, start_proxy: An
     assert len(a.requests()) == 1
 
 
-async def test_too_many_or_too_large_header_fields_are_431(backends: Backends, start_proxy: Any,
-                                                           clients: list[Client]) -> None:
+async def test_too_many_fields_400_too_large_431(backends: Backends, start_proxy: Any,
+                                                 clients: list[Client]) -> None:
     a = backends.start("a")
     proxy = await proxy_for(start_proxy, a)
-    many = b"".join(b"X-F%d: v\r\n" % i for i in range(frontend.MAX_FIELDS + 1))
-    large = b"X-Big: " + b"v" * frontend.MAX_FIELD + b"\r\n"
-    for fields in (many, large):
+    # Host plus max_headers fields is one too many.
+    many = b"".join(b"X-F%d: v\r\n" % i for i in range(DEFAULT_LIMITS.max_headers))
+    large = b"X-Big: " + b"v" * DEFAULT_LIMITS.max_header_size + b"\r\n"
+    for fields, expected in ((many, 400), (large, 431)):
         client = await connect(proxy, clients)
         await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n")
         status, headers, _ = await client.response()
-        assert status == 431 and headers["connection"] == "close"
+        assert status == expected and headers["connection"] == "close"
         assert await client.at_eof()
     # An endless field, never finished: refused once the head passes the bound.
     client = await connect(proxy, clients)
     await client.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: ")
-    for _ in range(frontend.MAX_HEAD // 65536 + 2):
+    for _ in range(DEFAULT_LIMITS.max_header_section // 65536 + 2):
         await client.send(b"v" * 65536)  # a lingering close: still read (and dropped)
     status, headers, _ = await client.response()
     assert status == 431 and headers["connection"] == "close"
@@ -399,7 +401,7 @@ async def test_tunnel_runs_the_responses_upgrade(clients: list[Client]) -> None:
         # An Upgrade request answered in plain HTTP: the held bytes are the next request.
         plain = Client(*await asyncio.open_connection(host, port))
         clients.append(plain)
-        await plain.send(HANDSHAKE.replace(b"/chat", b"/plain") + b"GET /plain HTTP/1.1\r\n\r\n")
+        await plain.send(HANDSHAKE.replace(b"/chat", b"/plain") + b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await plain.response())[::2] == (200, b"ok")
         assert (await plain.response())[::2] == (200, b"ok")
         await wait_for(lambda: finished == [True, True, True])
@@ -519,7 +521,7 @@ async def test_upstream_failure_mid_body_aborts_the_client(start_proxy: Any, cli
 async def test_idle_keep_alive_connection_closed_after_timeout(
         backends: Backends, start_proxy: Any, clients: list[Client]) -> None:
     a = backends.start("a")
-    proxy = await proxy_for(start_proxy, a, keepalive_timeout=0.3)
+    proxy = await proxy_for(start_proxy, a, limits=Limits(keepalive_timeout=0.3))
     loop = asyncio.get_running_loop()
     client = await connect(proxy, clients)
     await client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

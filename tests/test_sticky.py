@@ -18,6 +18,7 @@ from balancerpool.proxy.hashing import Maglev, Ring, hash64
 from balancerpool.proxy.model import (
     API_VERSION,
     KIND,
+    ROUTE_RE,
     BalancerPool,
     CookieSpec,
     SameSite,
@@ -163,6 +164,28 @@ ROUTE_CASES: list[tuple[str, str, str, list[str], StickySession, str | None, boo
 def test_extract_route(path: str, query: str, cookies: list[str], sticky: StickySession,
                        sep: str | None, scolon: bool, expected: SessionRoute) -> None:
     assert extract_route(path, query, cookies, sticky, sep, scolon) == expected
+
+
+HOSTILE_TEXT = st.lists(st.sampled_from(
+    [*"=.;,& ?/%\"'\r\n\t\x00\u00e9\U0001f600", "JSESSIONID", "jsessionid", "n1", "n2", "abc"]),
+    max_size=20).map("".join)
+
+
+@settings(max_examples=400)
+@given(path=HOSTILE_TEXT.map(lambda t: "/" + t), query=HOSTILE_TEXT,
+       cookies=st.lists(HOSTILE_TEXT | st.text(max_size=80), max_size=3),
+       sticky=st.sampled_from([BOTH, SINGLE, StickySession("JSESSIONID", None),
+                               StickySession(None, "jsessionid")]),
+       sep=st.sampled_from([".", None, "~"]), scolon=st.booleans())
+def test_extract_route_on_hostile_input_is_a_route_or_malformed(
+        path: str, query: str, cookies: list[str], sticky: StickySession, sep: str | None,
+        scolon: bool) -> None:
+    """Fuzzed paths, queries and Cookie headers: never an exception, and any route handed on
+    is one a member could have (ROUTE_RE), so a hostile value never reaches a lookup."""
+    result = extract_route(path, query, cookies, sticky, sep, scolon)
+    if result.route is not None:
+        assert ROUTE_RE.match(result.route) and not result.malformed
+        assert result.source in (sticky.cookie, sticky.param)
 
 
 def test_extract_route_takes_any_iterable_of_headers() -> None:
