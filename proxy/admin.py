@@ -261,6 +261,12 @@ class Manager:
         self.nonces: dict[str, str] = {}
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
         self.lock = asyncio.Lock()
+        #: Called with the whole configuration after each applied change (``--workers``: the
+        #: other worker processes apply it too).
+        self.on_applied: Callable[[list[BalancerPool]], None] | None = None
+        #: Turns this process's /metrics text into the one served (``--workers``: every
+        #: worker's, each sample labelled with its worker).
+        self.gather_metrics: Callable[[bytes], Awaitable[bytes]] | None = None
 
     def nonce(self, pool: str) -> str:
         value = self.nonces.get(pool)
@@ -672,7 +678,10 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = metrics_module.enable(request.app[MANAGER].forwarder).render()
+    manager = request.app[MANAGER]
+    body = metrics_module.enable(manager.forwarder).render()
+    if manager.gather_metrics is not None:
+        body = await manager.gather_metrics(body)
     return web.Response(body=body, headers={"Content-Type": metrics_module.CONTENT_TYPE})
 
 
@@ -791,6 +800,8 @@ async def _change(request: web.Request) -> web.StreamResponse:
                 raise Rejected(500, f"not changed: the configuration could not be persisted "
                                     f"({exc})") from None
         _apply(manager, pool_name, member, new_specs, identity, adding)
+        if manager.on_applied is not None:
+            manager.on_applied(new_specs)
         manager.nonces[pool_name] = secrets.token_urlsafe(16)
         m = metrics_module.get(manager.forwarder)
         if m is not None:

@@ -7,8 +7,10 @@ that member's pooled connections, and fails over on errors that provably lost no
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -16,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from . import accesslog
+from .hardening import BadRequest
 from .headers import (
     OWN_REQUEST_FIELDS,
     REVERSE_FIELDS,
@@ -180,6 +183,13 @@ class Pool:
             pool.close(grace)
 
 
+def _member_hook(hook: Callable[[Pool, MemberState, Transition], None], pool: Pool
+                 ) -> Callable[[MemberState, Transition], None]:
+    def changed(member: MemberState, change: Transition) -> None:
+        hook(pool, member, change)
+    return changed
+
+
 def _authorities(host: str, port: int) -> tuple[str, ...]:
     """How a backend may spell itself in a redirect: the default port may be left out."""
     name = f"[{host}]" if ":" in host else host
@@ -231,6 +241,12 @@ class Forwarder:
         self.pools: dict[str, Pool] = {}
         self.router = Router([])
         self._maintainer: asyncio.Task[None] | None = None
+        #: False: pools' active health checks are not run here (``--workers``: another process
+        #: runs them and its ``C`` transitions arrive through the state bus).
+        self.health_checks = True
+        #: Told of every member state change of every pool from the next ``apply`` on (the
+        #: state bus of ``--workers``); never called on the request path unless flags change.
+        self.on_member_change: Callable[[Pool, MemberState, Transition], None] | None = None
 
     def apply(self, specs: list[BalancerPool]) -> None:
         """Swap in a new configuration; members that stayed keep their state and connections."""
@@ -244,9 +260,12 @@ class Forwarder:
                 pool.close(pool.spec.removal_grace)
             elif pool.checker is not None and pool.checker.task is not None:
                 pool.checker.task.cancel()  # the new pool runs its own
+        hook = self.on_member_change
         for pool in new.values():
-            if pool.checker is not None:
+            if pool.checker is not None and self.health_checks:
                 pool.checker.start()
+            if hook is not None:
+                pool.state.listeners.append(_member_hook(hook, pool))
         self.pools = new
         self.router = Router(list(new.values()))
         if self._maintainer is None:
@@ -343,9 +362,9 @@ class Forwarder:
             buffered = await _read_all(body)
         # A chunked body's first piece (what came with the head) is read before anything goes
         # out: a body broken from its first bytes (a bad chunk size or extension) is refused
-        # with nothing sent to a member. Not when the client waits for 100 Continue.
+        # with nothing sent to a member. (With Expect, this is when 100 Continue is sent.)
         prefix: bytes | None = None
-        if body.length is None and not _expects_continue(head):
+        if body.length is None:
             prefix = await body.read()
         resendable = method_ok and (not has_body or buffered is not None)
         session, signed, reason = self._session(head, pool) if pool.sticky else (NO_ROUTE, None, None)
@@ -396,7 +415,7 @@ class Forwarder:
                 continue
 
             acquired = clock()
-            member.busy += 1
+            member.begin()
             m = member.spec
             host = head.host if route.spec.preserve_host else m.authority
             variables = self._variables(pool, session, member) if pool.sticky or \
@@ -419,7 +438,7 @@ class Forwarder:
                         await self._send_body(conn, body, member, prefix)
                 status, reason_phrase, raw_headers = await conn.read_head(m.timeout)
             except UpstreamError as exc:
-                member.busy -= 1
+                member.end()
                 conns.release(conn, False)
                 # A reused keep-alive connection that the backend closed before answering (the
                 # keep-alive race): re-sent on a fresh connection when nothing is lost doing so,
@@ -458,7 +477,7 @@ class Forwarder:
                                       {"pool": spec.name, "member": member.name,
                                        "reason": exc.kind, "attempts": len(tried) + 1})
             except BaseException:
-                member.busy -= 1
+                member.end()
                 conns.release(conn, False)
                 raise
 
@@ -564,6 +583,7 @@ class Forwarder:
         """``prefix``: the body's first piece, already read (b"" when that was its end)."""
         timeout = member.spec.timeout
         chunked = body.length is None
+        sent = 0
         while True:
             if prefix is not None:
                 chunk, prefix = prefix, None
@@ -571,6 +591,7 @@ class Forwarder:
                 chunk = await body.read()
             if not chunk:
                 break
+            sent += len(chunk)
             member.transferred += len(chunk)
             if chunked:
                 await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), timeout)
@@ -578,6 +599,8 @@ class Forwarder:
                 await conn.write(chunk, timeout)
         if chunked:
             await conn.write(b"0\r\n\r\n", timeout)
+        elif sent != body.length:
+            raise _short_body(sent, body.length or 0)
 
     def _stream(self, head: RequestHead, route: _Route, pool: Pool, member: MemberState,
                 conns: ConnectionPool, conn: UpstreamConnection, status: int, reason: bytes,
@@ -602,9 +625,18 @@ class Forwarder:
         timeout = member.spec.timeout
         bodiless = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         spec = pool.spec
-        if status == 101 and conn.upgraded and is_websocket_upgrade(head):
-            out += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
-            return self._tunnel(pool, member, conns, conn, reason, out, attempts)
+        if status == 101:
+            if conn.upgraded and is_websocket_upgrade(head) and _accepts_websocket(head, headers):
+                out += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+                return self._tunnel(pool, member, conns, conn, reason, out, attempts)
+            member.end()
+            conns.release(conn, False)
+            return local_response(
+                502, _REASONS[502],
+                f"Bad gateway: member {member.name!r} of pool {spec.name!r} answered 101 without "
+                "completing a WebSocket handshake for this request.",
+                {"pool": spec.name, "member": member.name, "reason": "bad-upgrade",
+                 "attempts": attempts})
 
         async def chunks() -> AsyncIterator[bytes]:
             if bodiless:
@@ -617,7 +649,7 @@ class Forwarder:
                 yield chunk
 
         def finish(ok: bool) -> None:
-            member.busy -= 1
+            member.end()
             if not ok and isinstance(conn.error, UpstreamTimeout) and spec.failontimeout:
                 pool.member_error(member, self.clock(), "failontimeout", str(conn.error))
             conns.release(conn, ok)
@@ -642,7 +674,7 @@ class Forwarder:
                 pool.tunnels.get(member.name, set()).discard(tunnel)
 
         def finish(ok: bool) -> None:
-            member.busy -= 1
+            member.end()
             conns.release(conn, False)  # never pooled again
 
         info: dict[str, object] = {"pool": pool.spec.name, "member": member.name,
@@ -692,15 +724,40 @@ def _non_idempotent_ok(head: RequestHead, spec: BalancerPool) -> bool:
         n.lower() == "idempotency-key" and v.strip() for n, v in head.headers)
 
 
-def _expects_continue(head: RequestHead) -> bool:
-    return any(n.lower() == "expect" and v.strip().lower() == "100-continue" for n, v in head.headers)
-
-
 async def _read_all(body: Body) -> bytes:
     chunks = []
     while chunk := await body.read():
         chunks.append(chunk)
-    return b"".join(chunks)
+    data = b"".join(chunks)
+    if body.length is not None and len(data) != body.length:
+        raise _short_body(len(data), body.length)
+    return data
+
+
+def _short_body(sent: int, length: int) -> BadRequest:
+    """A body that ended short of its Content-Length (the front end ended the message): the
+    member would read the next request as the rest of it, so nothing more goes out."""
+    return BadRequest(400, f"request body of {sent} bytes, {length} announced")
+
+
+def _accepts_websocket(head: RequestHead, headers: list[tuple[str, str]]) -> bool:
+    """RFC 6455 §4.2.2: a 101 that completes this request's WebSocket handshake, not just
+    any 101 (which would open a raw tunnel past the routes)."""
+    key = next((v.strip() for n, v in head.headers if n.lower() == "sec-websocket-key"), None)
+    if key is None:
+        return False
+    expected = base64.b64encode(hashlib.sha1((key + _WS_GUID).encode("latin-1")).digest()).decode()
+    upgrade = accept = False
+    for name, value in headers:
+        low = name.lower()
+        if low == "upgrade":
+            upgrade = value.strip().lower() == "websocket"
+        elif low == "sec-websocket-accept":
+            accept = value.strip() == expected
+    return upgrade and accept
+
+
+_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:

@@ -44,7 +44,15 @@ from typing import Any, cast
 
 import httptools
 
-from .hardening import DEFAULT_LIMITS, BadRequest, Limits, check_head, check_transfer_encoding, split_target
+from .hardening import (
+    DEFAULT_LIMITS,
+    BadRequest,
+    Limits,
+    check_head,
+    check_path,
+    check_transfer_encoding,
+    split_target,
+)
 from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response
 from .upstream import UpstreamError
 
@@ -255,6 +263,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_size = 0
         #: The head's request line and complete fields, as parsed (max_header_section).
         self._fields_size = 0
+        #: Bytes of a chunked body received since the last body data (framing and trailers).
+        self._framing = 0
         #: When the head being received started (None: not timed yet); the server's sweep
         #: compares it with header_timeout.
         self._head_since: float | None = None
@@ -337,6 +347,8 @@ class HttpConnection(asyncio.Protocol):
                 self._held += data
             return  # else closing, or after a parse error: what comes now is dropped
         parser = self._parser
+        before = self._body_in
+        received = before.received if before is not None else 0
         while True:
             try:
                 parser.feed_data(data)
@@ -350,11 +362,29 @@ class HttpConnection(asyncio.Protocol):
                 return
             break
         if self._in_head:
-            # httptools holds a field in progress itself: count what it holds.
-            self._head_size += len(data)
-            if self._head_size > self._limits.max_header_section:
-                self._parse_error(BadRequest(
-                    431, f"request header section over {self._limits.max_header_section} bytes"))
+            # httptools holds a field in progress itself: count the feeds after the one the head
+            # began in (that one may hold earlier pipelined requests; it is bounded by the read
+            # size anyway).
+            if self._head_size < 0:
+                self._head_size = 0
+            else:
+                self._head_size += len(data)
+                if self._head_size > self._limits.max_header_section:
+                    self._parse_error(BadRequest(
+                        431, f"request header section over {self._limits.max_header_section} bytes"))
+            return
+        body = self._body_in
+        if body is not None and body.length is None and not body.complete:
+            # Chunked framing, extensions and trailers: bytes that carry no body data must not
+            # pile up (httptools builds a trailer field up in memory).
+            if body is before and body.received == received:
+                self._framing += len(data)
+                if self._framing > self._limits.max_header_section:
+                    self._parse_error(BadRequest(
+                        431, f"over {self._limits.max_header_section} bytes of chunk framing or "
+                             "trailers without body data"))
+            else:
+                self._framing = 0
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -386,6 +416,8 @@ class HttpConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._fields_size = 0
+        self._head_size = -1  # began in this feed: data_received counts from the next one
+        self._framing = 0
         self._host = None
         self._length = 0
         self._chunked = False
@@ -402,6 +434,8 @@ class HttpConnection(asyncio.Protocol):
             raise BadRequest(414, f"request line over {limit} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: not forwarded (its bytes are bounded in data_received)
         headers = self._headers
         limits = self._limits
         if len(headers) >= limits.max_headers:
@@ -456,7 +490,8 @@ class HttpConnection(asyncio.Protocol):
         host = self._host
         if url[:1] == "/":
             path, _, query = url.partition("?")
-            if version is not _V11 or host is None or host != self._checked_host or self._chunked:
+            if (version is not _V11 or host is None or host != self._checked_host or self._chunked
+                    or method == "CONNECT"):
                 check_head(method, version, url, host, None, self._chunked)
                 self._checked_host = host
         else:
@@ -464,6 +499,8 @@ class HttpConnection(asyncio.Protocol):
             check_head(method, version, url, host, authority, self._chunked)
             if authority is not None:
                 host = authority
+        if "/." in path or "%" in path or "\\" in path:
+            check_path(path)
         if host is None:
             host = ""
         if self._chunked:
@@ -726,12 +763,20 @@ class HttpConnection(asyncio.Protocol):
         self._out_size = 0
 
     async def _drain(self) -> None:
+        """Wait until the client reads; one that reads nothing for ``send_timeout`` is cut, so
+        that it cannot hold a member's connection forever."""
+        timeout = self._limits.send_timeout
         while self._write_paused and not self._lost:
             fut = self._drain_waiter = self._loop.create_future()
+            timer = self._loop.call_later(timeout, _expire, fut)
             try:
                 await fut
             finally:
+                timer.cancel()
                 self._drain_waiter = None
+            if fut.result() is _TIMED_OUT and self._write_paused and not self._lost:
+                log.info("client %s read nothing for %gs; connection cut", self._client, timeout)
+                self._abort()
         if self._lost:
             raise ClientGone("the client closed the connection")
 
@@ -951,6 +996,14 @@ class HttpConnection(asyncio.Protocol):
         if not self._serving and not self._lost and not self._lingering:
             self._stop_parsing = True
             self._transport.close()
+
+
+_TIMED_OUT: Any = object()
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(_TIMED_OUT)
 
 
 def _version(text: str) -> tuple[int, int]:

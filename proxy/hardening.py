@@ -50,6 +50,9 @@ class Limits:
     body_min_rate: int = 500
     #: An idle keep-alive connection is closed after this long.
     keepalive_timeout: float = 75.0
+    #: A client that reads nothing of a response for this long is cut (nginx's send_timeout),
+    #: so that it cannot hold a member's connection.
+    send_timeout: float = 60.0
 
     def errors(self) -> list[str]:
         """What is wrong with these limits, each naming its option."""
@@ -57,7 +60,7 @@ class Limits:
         for name in ("max_request_line", "max_header_size", "max_headers", "max_header_section"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be at least 1")
-        for name in ("header_timeout", "body_timeout", "keepalive_timeout"):
+        for name in ("header_timeout", "body_timeout", "keepalive_timeout", "send_timeout"):
             if not getattr(self, name) > 0:
                 out.append(f"{name}: must be more than 0 seconds")
         if self.body_min_rate < 0:
@@ -117,6 +120,20 @@ def check_head(method: str, version: tuple[int, int], target: str, host: str | N
             raise BadRequest(400, "the asterisk target is for OPTIONS only")
     elif target[:1] != "/":
         raise BadRequest(400, "the request target is neither a path nor an absolute URI")
+
+
+def check_path(path: str) -> None:
+    """Refuse dot-segments (``.``, ``..``, also percent-encoded or as Tomcat's ``..;``) and
+    backslashes: routes match path prefixes, and a backend that resolves ``/public/../admin``
+    itself would serve what no route allows. Browsers never send them."""
+    if "\\" in path:
+        raise BadRequest(400, "backslash in the request path")
+    for segment in path.split("/"):
+        name = segment.partition(";")[0]
+        if "%" in name:
+            name = name.replace("%2e", ".").replace("%2E", ".")
+        if name == "." or name == "..":
+            raise BadRequest(400, f"dot-segment {segment!r} in the request path")
 
 
 def split_target(url: str) -> tuple[str, str, str | None]:

@@ -24,7 +24,15 @@ from aiohttp.web_request import BaseRequest
 
 from .forward import Forwarder
 from .frontend import HttpServer
-from .hardening import DEFAULT_LIMITS, BadRequest, Limits, check_head, check_transfer_encoding, split_target
+from .hardening import (
+    DEFAULT_LIMITS,
+    BadRequest,
+    Limits,
+    check_head,
+    check_path,
+    check_transfer_encoding,
+    split_target,
+)
 from .keys import load_session_keys
 from .messages import RequestHead
 from .model import BalancerPool, InvalidBalancerPool, parse_pools
@@ -87,6 +95,7 @@ class FrontEnd:
             else:
                 path, query, authority = split_target(raw)
             check_head(request.method, version, raw, host, authority, chunked)
+            check_path(path)
         except BadRequest as exc:
             refusal = web.Response(status=exc.status, text=f"{exc.status} {exc.detail}\n")
             refusal.force_close()
@@ -148,11 +157,17 @@ class ProxyServer:
                  pools: list[BalancerPool] | None = None,
                  clock: Callable[[], float] = time.monotonic, *,
                  frontend: str | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS,
+                 reuse_port: bool = False,
+                 health_checks: bool = True) -> None:
         self.source = source
         self.listen_override = listen
+        #: SO_REUSEPORT on the listeners, so that several worker processes share a port and the
+        #: kernel spreads the connections (``--workers``).
+        self.reuse_port = reuse_port
         self.loop = asyncio.get_running_loop()
         self.forwarder = Forwarder(self.loop, clock)
+        self.forwarder.health_checks = health_checks
         self.frontend = frontend or DEFAULT_FRONTEND
         self.server: _Listener
         if self.frontend == "fast":
@@ -191,7 +206,8 @@ class ProxyServer:
         for address in wanted:
             if address not in self.listeners:
                 self.listeners[address] = await self.loop.create_server(
-                    self.server, address[0], address[1], reuse_address=True, backlog=1024)
+                    self.server, address[0], address[1], reuse_address=True,
+                    reuse_port=self.reuse_port or None, backlog=1024)
                 log.info("listening on http://%s:%d", *address)
         for address in [a for a in self.listeners if a not in wanted]:
             self.listeners.pop(address).close()
@@ -283,9 +299,9 @@ class ProxyServer:
         await self.forwarder.close()
 
 
-async def run_until_signalled(server: ProxyServer) -> None:
-    """Serve until SIGINT/SIGTERM; SIGHUP reloads the file."""
-    stop = asyncio.Event()
+async def run_until_signalled(server: ProxyServer, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or ``stop`` is set); SIGHUP reloads the file."""
+    stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)

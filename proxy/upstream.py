@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import socket
 import time
 from collections import deque
@@ -19,6 +21,8 @@ from typing import Any
 import httptools
 
 from .model import MemberSpec
+
+log = logging.getLogger("balancerpool.proxy")
 
 #: Response bytes buffered before the backend socket stops being read (backpressure).
 HIGH_WATER = 256 * 1024
@@ -116,6 +120,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = True
         if self.upgraded:
             self.on_body(data)
+            return
+        if self.complete:
+            # Bytes after a complete response (or on an idle pooled connection): whatever they
+            # are, they would be read as the answer to the next request. Never reuse it.
+            log.warning("member %s sent %d bytes outside a response; connection closed",
+                        self.pool.member.name, len(data))
+            self.keep_alive = False
+            self.close()
             return
         if self.head_done and self.head_only:
             self._fail(UpstreamProtocolError("backend sent data after a bodiless response"))
@@ -353,6 +365,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 _TIMED_OUT: Any = object()
+_LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
@@ -440,6 +453,12 @@ class ConnectionPool:
                 sent=False) from None
         except OSError as exc:
             self._slot_freed()
+            if exc.errno in _LOCAL_ERRORS:
+                # Out of descriptors or buffers here: not the member's fault, so no E mark.
+                log.warning("connect to %s: %s (local resources exhausted)", member.authority,
+                            exc.strerror or exc)
+                raise PoolExhausted(f"local resources exhausted connecting to {member.authority}: "
+                                    f"{exc.strerror or exc}", sent=False) from None
             raise ConnectFailed(f"connect to {member.authority} failed: {exc.strerror or exc}",
                                 sent=False) from None
         except BaseException:

@@ -5,8 +5,8 @@ request never reached a backend.
 ``data_received`` is appended to FILE as one JSON line (``{"conn": N, "data": latin-1 text}``)
 before anything is parsed, so even bytes no HTTP parser would accept are on record; then each
 complete request (``{"conn": N, "request": "GET /x"}``) or parse error (``"error"``). Requests
-that parse are answered ``200`` with ``<METHOD> <target>\\n``; anything else closes the
-connection.
+that parse are answered ``200`` with ``<METHOD> <target>\\n`` (``/extra`` also gets an
+unsolicited, unfinished second response 50 ms later); anything else closes the connection.
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class Witness(asyncio.Protocol):
         self.log.flush()
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # A CONNECT or Upgrade request reached us (logged as a request): no tunnel here.
+            assert self.transport is not None
+            self.transport.close()
         except httptools.HttpParserError as exc:
             # What a proxy forwarded must always parse: a smuggling oracle for the tests.
             self.log.write(json.dumps({"conn": self.id, "error": str(exc)}) + "\n")
@@ -57,8 +61,13 @@ class Witness(asyncio.Protocol):
                                                                f"{self.url.decode('latin-1')}"}) + "\n")
         self.log.flush()
         body = b"%s %s\n" % (self.parser.get_method(), self.url)
+        extra = self.url == b"/extra"
         self.url = b""
         self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        if extra:
+            # Then a response nobody asked for, on a connection the proxy may pool.
+            asyncio.get_running_loop().call_later(0.05, self.transport.write,
+                                                  b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\nPOISON\n")
 
 
 async def main() -> None:

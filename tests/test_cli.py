@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from balancerpool.proxy.cli import build_parser, limits_from
+from balancerpool.proxy.hardening import DEFAULT_LIMITS
+
 from .conftest import Backends, free_port, pool_doc
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -126,6 +129,30 @@ def test_proxy_refuses_to_start_on_an_invalid_file(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "spec.members[2].loadfactor: must be 1..100, got 250" in result.stderr
+
+
+def test_invalid_client_limits_are_refused_naming_the_option() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "balancerpool.proxy", "proxy", str(EXAMPLES / "demo-pool.yaml"),
+         "--max-headers", "0", "--header-timeout", "0", "--send-timeout", "soon"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--send-timeout: must be a duration like 5s" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "balancerpool.proxy", "proxy", str(EXAMPLES / "demo-pool.yaml"),
+         "--max-headers", "0", "--header-timeout", "0"],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert ("--max-headers: must be at least 1; --header-timeout: must be more than 0 seconds"
+            in result.stderr)
+
+
+def test_client_limits_from_options() -> None:
+    args = build_parser().parse_args(["proxy", "x.yaml", "--max-request-line", "100",
+                                      "--header-timeout", "2.5", "--body-timeout", "1m"])
+    limits = limits_from(args)
+    assert (limits.max_request_line, limits.header_timeout, limits.body_timeout) == (100, 2.5, 60.0)
+    assert limits.max_headers == DEFAULT_LIMITS.max_headers
 
 
 def test_check_lists_every_problem() -> None:

@@ -10,6 +10,7 @@ from balancerpool.proxy.hardening import (
     BadRequest,
     Limits,
     check_head,
+    check_path,
     check_transfer_encoding,
     split_target,
     valid_host,
@@ -79,6 +80,20 @@ def test_check_head(args: tuple[str, tuple[int, int], str, str | None, str | Non
         assert refused.value.status == status
 
 
+@pytest.mark.parametrize(("path", "ok"), [
+    ("/", True), ("/a/b.c/.well-known/x", True), ("/a/...", True), ("/a/..b", True), ("/a%20b", True),
+    ("/a/../b", False), ("/a/./b", False), ("/a/..", False), ("/a/%2e%2E/b", False), ("/a/%2E/b", False),
+    ("/a/..;x=1/b", False), ("/a\\b", False),
+])
+def test_check_path(path: str, ok: bool) -> None:
+    if ok:
+        check_path(path)
+    else:
+        with pytest.raises(BadRequest) as refused:
+            check_path(path)
+        assert refused.value.status == 400
+
+
 def test_limits_errors_name_each_option() -> None:
     assert Limits().errors() == []
     errors = Limits(max_headers=0, header_timeout=0, body_min_rate=-1).errors()
@@ -90,7 +105,7 @@ def test_limits_errors_name_each_option() -> None:
        te=st.text(max_size=30))
 def test_rules_only_ever_raise_bad_request(method: str, version: tuple[int, int], target: str,
                                            host: str | None, chunked: bool, te: str) -> None:
-    for rule, args in ((check_transfer_encoding, (te,)),
+    for rule, args in ((check_transfer_encoding, (te,)), (check_path, (target,)),
                        (check_head, (method, version, target, host, split_target(target)[2], chunked))):
         try:
             rule(*args)

@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections import Counter
+from collections.abc import Collection, Iterable
 from math import gcd
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancerpool.proxy.model import API_VERSION, KIND, BalancerPool, parse_pools
+from balancerpool.proxy import scheduling
+from balancerpool.proxy.hashing import Maglev, Ring, hash64
+from balancerpool.proxy.model import (
+    API_VERSION,
+    KIND,
+    BalancerPool,
+    HashAlgorithm,
+    HashOn,
+    HashSpec,
+    LBMethod,
+    MemberSpec,
+    parse_pools,
+)
 from balancerpool.proxy.scheduling import (
     FLAG_BITS,
+    SCAN_MAX,
+    UNUSABLE,
     MemberState,
     PoolState,
+    Transition,
     bits_to_flags,
     flags_to_bits,
 )
+from balancerpool.proxy.sticky import Reason
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -542,3 +562,530 @@ def test_picks_never_include_unusable_members(shapes: list[tuple[int, int, str, 
         assert chosen == [None] * 12
     else:
         assert set(chosen) <= allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence with httpd's walk
+#
+# PoolState keeps incremental structures (see proxy/scheduling.py) so that a choice costs no walk
+# over the members. RefPool below is the straightforward O(n) implementation it replaced, kept
+# as the specification: random sequences of operations drive both, and every choice, lbstatus,
+# counter, flag and transition must come out identical. random, leastrequest and hash without a
+# key draw from a seeded random.Random: PoolState draws exactly as random.choices and
+# random.sample do on the candidate list, so with the same seed the choices are identical too.
+
+
+class RefMember:
+    """The member state as the O(n) scheduler kept it: plain attributes."""
+
+    def __init__(self, spec: MemberSpec, index: int, now: float) -> None:
+        self.spec = spec
+        self.index = index
+        self.name = spec.name
+        self.route = spec.route
+        self.lbfactor = round(spec.loadfactor * 100)
+        self.lbset = spec.lbset
+        self.flags = flags_to_bits(spec.status)
+        self.lbstatus = 0
+        self.busy = 0
+        self.elected = 0
+        self.transferred = 0
+        self.read = 0
+        self.errors = 0
+        self.retries = 0
+        self.error_time = now
+        self.error_duration = spec.retry
+        self.usable_since = float("-inf")
+        self.history: list[Transition] = [Transition(now, "", bits_to_flags(self.flags), "config", "loaded")]
+        self.pool: RefPool | None = None
+
+    @property
+    def usable(self) -> bool:
+        return not self.flags & UNUSABLE
+
+    def change(self, add: int, remove: int, now: float, signal: str, detail: str = "") -> bool:
+        before = self.flags
+        after = (before | add) & ~remove
+        if after == before:
+            return False
+        self.flags = after
+        if before & UNUSABLE and not after & UNUSABLE:
+            self.usable_since = now
+        transition = Transition(now, bits_to_flags(before), bits_to_flags(after), signal, detail)
+        self.history.append(transition)
+        if self.pool is not None:
+            self.pool.log.append((self.name, transition))
+        return True
+
+    def mark_error(self, now: float, signal: str = "error", detail: str = "",
+                   duration: float | None = None) -> bool:
+        self.errors += 1
+        if self.flags & FLAG_BITS["I"]:
+            return False
+        self.error_time = now
+        self.error_duration = self.spec.retry if duration is None else duration
+        return self.change(FLAG_BITS["E"], 0, now, signal, detail)
+
+    def retry_if_due(self, now: float) -> None:
+        if self.flags & FLAG_BITS["E"] and now >= self.error_time + self.error_duration:
+            self.retries += 1
+            self.change(0, FLAG_BITS["E"], now, "retry", f"{self.error_duration:g}s in error passed")
+
+    def factor(self, now: float) -> int:
+        ramp = self.spec.slowstart
+        if ramp and now - self.usable_since < ramp:
+            return max(1, int(self.lbfactor * max(0.1, (now - self.usable_since) / ramp)))
+        return self.lbfactor
+
+    def adopt(self, old: RefMember, keep_health: bool) -> None:
+        self.lbstatus = old.lbstatus
+        self.busy = old.busy
+        self.elected = old.elected
+        self.transferred = old.transferred
+        self.read = old.read
+        self.errors = old.errors
+        self.retries = old.retries
+        self.usable_since = old.usable_since
+        self.history = old.history
+        if keep_health and old.flags & FLAG_BITS["C"]:
+            self.flags |= FLAG_BITS["C"]
+        if old.flags & FLAG_BITS["E"] and not self.flags & FLAG_BITS["I"]:
+            self.flags |= FLAG_BITS["E"]
+            self.error_time = old.error_time
+            self.error_duration = old.error_duration
+
+
+class RefPool:
+    """httpd's walk, O(n) per request: the scheduler as it was before the structures."""
+
+    def __init__(self, spec: BalancerPool, previous: RefPool | None = None, now: float = 0.0) -> None:
+        self.spec = spec
+        self.lbmethod = spec.lbmethod
+        self.members = [RefMember(x, i, now) for i, x in enumerate(spec.members)]
+        self.by_name = {x.name: x for x in self.members}
+        self.by_route = {x.route: x for x in self.members if x.route is not None}
+        sets = sorted({x.lbset for x in self.members})
+        self.tiers = [[x for x in self.members if x.lbset == s] for s in sets]
+        self.random = random.Random()
+        self.log: list[tuple[str, Transition]] = []
+        self.tables: dict[tuple[int, ...], Ring | Maglev] = {}
+        for member in self.members:
+            member.pool = self
+        if previous is not None:
+            self.random = previous.random
+            for member in self.members:
+                old = previous.by_name.get(member.name)
+                if old is not None and old.spec.url == member.spec.url:
+                    member.adopt(old, spec.health_check is not None)
+                    if member.flags != old.flags:
+                        change = Transition(now, bits_to_flags(old.flags), bits_to_flags(member.flags),
+                                            "config", "status changed by a new configuration")
+                        member.history.append(change)
+                        self.log.append((member.name, change))
+                else:
+                    member.usable_since = now
+
+    def choose(self, now: float, exclude: Collection[RefMember] = (), key: str | None = None
+               ) -> RefMember | None:
+        best = self._choose(now, exclude, key)
+        if best is None and self.spec.forcerecovery and self.members and \
+                all(x.flags & FLAG_BITS["E"] for x in self.members):
+            for member in self.members:
+                member.retries += 1
+                member.change(0, FLAG_BITS["E"], now, "forcerecovery", "every member was in error")
+            best = self._choose(now, exclude, key)
+        if best is not None:
+            best.elected += 1
+        return best
+
+    def find_route(self, route: str, now: float, exclude: Collection[RefMember] = ()
+                   ) -> tuple[RefMember | None, Reason]:
+        member = self.by_route.get(route)
+        if member is None:
+            return None, Reason.MEMBER_GONE
+        if member not in exclude:
+            member.retry_if_due(now)
+            if member.usable:
+                return member, Reason.MEMBER_DRAINING if member.flags & FLAG_BITS["N"] else Reason.STICKY
+        reason = (Reason.MEMBER_DISABLED if member.flags & (FLAG_BITS["D"] | FLAG_BITS["S"])
+                  and member not in exclude else Reason.MEMBER_ERROR)
+        if member.spec.redirect is not None:
+            target = self.by_route.get(member.spec.redirect)
+            if target is not None and target not in exclude:
+                target.retry_if_due(now)
+                if target.usable:
+                    return target, reason
+        return None, reason
+
+    def note_sticky(self, chosen: RefMember, now: float) -> None:
+        total = 0
+        for x in self.members:
+            if x.usable:
+                f = x.factor(now)
+                x.lbstatus += f
+                total += f
+        chosen.lbstatus -= total
+        chosen.elected += 1
+
+    def candidates(self, now: float, exclude: Collection[RefMember] = ()) -> list[RefMember]:
+        bits = FLAG_BITS
+        standbys: list[RefMember] = []
+        for tier in self.tiers:
+            unusable = 0
+            regular: list[RefMember] = []
+            spares: list[RefMember] = []
+            for x in tier:
+                flags = x.flags
+                if flags & bits["N"] or x in exclude:
+                    if not flags & (bits["R"] | bits["H"]):
+                        unusable += 1
+                    continue
+                if flags & bits["E"]:
+                    x.retry_if_due(now)
+                    flags = x.flags
+                usable = not flags & UNUSABLE
+                if flags & bits["R"]:
+                    if usable:
+                        spares.append(x)
+                elif flags & bits["H"]:
+                    if usable:
+                        standbys.append(x)
+                elif usable:
+                    regular.append(x)
+                else:
+                    unusable += 1
+            if unusable and spares:
+                regular.extend(spares[:unusable])
+            if regular:
+                return regular
+        return standbys
+
+    def _choose(self, now: float, exclude: Collection[RefMember], key: str | None) -> RefMember | None:
+        cands = self.candidates(now, exclude)
+        if not cands:
+            return None
+        method = self.lbmethod
+        if method is LBMethod.BYREQUESTS or method is LBMethod.BYBUSYNESS:
+            total = 0
+            best = cands[0]
+            by_busy = method is LBMethod.BYBUSYNESS
+            for x in cands:
+                f = x.factor(now)
+                x.lbstatus += f
+                total += f
+                if x is not best and (
+                        (not by_busy and x.lbstatus > best.lbstatus)
+                        or (by_busy and (x.busy < best.busy
+                                         or (x.busy == best.busy and x.lbstatus > best.lbstatus)))):
+                    best = x
+            best.lbstatus -= total
+            return best
+        if method is LBMethod.BYTRAFFIC:
+            best = cands[0]
+            best_traffic = (best.transferred + best.read) / best.factor(now)
+            for x in cands[1:]:
+                traffic = (x.transferred + x.read) / x.factor(now)
+                if traffic < best_traffic:
+                    best, best_traffic = x, traffic
+            return best
+        if len(cands) == 1:
+            return cands[0]
+        if method is LBMethod.LEASTREQUEST:
+            a, b = self.random.sample(cands, 2)
+            score_a, score_b = (a.busy + 1) / a.factor(now), (b.busy + 1) / b.factor(now)
+            return a if score_a <= score_b else b
+        if method is LBMethod.HASH and key is not None:
+            ident = tuple(x.index for x in cands)
+            table = self.tables.get(ident)
+            if table is None:
+                spec = self.spec.hash
+                names = [x.name for x in cands]
+                weights = [x.spec.loadfactor for x in cands]
+                maglev = spec is not None and spec.algorithm is HashAlgorithm.MAGLEV
+                table = self.tables[ident] = Maglev(names, weights) if maglev else Ring(names, weights)
+            return cands[table.lookup(hash64(key))]
+        return self.random.choices(cands, [x.factor(now) for x in cands])[0]
+
+
+def member_spec(i: int, loadfactor: float = 1.0, lbset: int = 0, status: str = "", retry: float = 60.0,
+                slowstart: float = 0.0, redirect: str | None = None, url: str | None = None) -> MemberSpec:
+    return MemberSpec(url=url or f"http://m{i}.test:8080", host=f"m{i}.test", port=8080, base_path="",
+                      name=f"m{i}", route=f"r{i}", loadfactor=loadfactor, lbset=lbset,
+                      status=frozenset(status), retry=retry, slowstart=slowstart, redirect=redirect)
+
+
+def pool_spec(members: list[MemberSpec], lbmethod: str, forcerecovery: bool = True,
+              maglev: bool = False) -> BalancerPool:
+    hashing = HashSpec(HashOn.HEADER, "X-User", HashAlgorithm.MAGLEV if maglev else HashAlgorithm.RINGHASH)
+    return BalancerPool(name="web", lbmethod=LBMethod(lbmethod), forcerecovery=forcerecovery,
+                        hash=hashing if lbmethod == "hash" else None, members=tuple(members))
+
+
+def snapshot(members: Iterable[MemberState] | Iterable[RefMember]) -> list[tuple[object, ...]]:
+    return [(x.name, bits_to_flags(x.flags), x.lbstatus, x.busy, x.elected, x.transferred, x.read,
+             x.errors, x.retries, x.error_time, x.error_duration, x.usable_since,
+             [(t.time, t.before, t.after, t.signal, t.detail) for t in x.history])
+            for x in members]
+
+
+class Twin:
+    """A PoolState and a RefPool driven alike, compared after every step."""
+
+    def __init__(self, spec: BalancerPool, seed: int) -> None:
+        self.now = 0.0
+        self.pool = PoolState(spec, now=self.now)
+        self.ref = RefPool(spec, now=self.now)
+        self.pool.random, self.ref.random = random.Random(seed), random.Random(seed)
+        self.log: list[tuple[str, Transition]] = []
+        self.pool.listeners.append(lambda member, change: self.log.append((member.name, change)))
+        self.choices: list[str | None] = []
+
+    def pair(self, i: int) -> tuple[MemberState, RefMember]:
+        i %= len(self.pool.members)
+        return self.pool.members[i], self.ref.members[i]
+
+    def choose(self, mask: int, key: str | None, serve: bool = False) -> None:
+        """``serve``: the request then goes out to the chosen member (busy, 200 bytes sent)."""
+        exclude = [x for i, x in enumerate(self.pool.members) if mask >> i & 1]
+        ref_exclude = [x for i, x in enumerate(self.ref.members) if mask >> i & 1]
+        got = self.pool.choose(self.now, exclude, key)
+        want = self.ref.choose(self.now, ref_exclude, key)
+        name = None if got is None else got.name
+        assert name == (None if want is None else want.name)
+        self.choices.append(name)
+        if serve and got is not None and want is not None:
+            got.begin()
+            got.transferred += 200
+            want.busy += 1
+            want.transferred += 200
+
+    def sticky(self, i: int, mask: int) -> None:
+        member, _ = self.pair(i)
+        assert member.route is not None
+        exclude = [x for j, x in enumerate(self.pool.members) if mask >> j & 1]
+        ref_exclude = [x for j, x in enumerate(self.ref.members) if mask >> j & 1]
+        got, reason = self.pool.find_route(member.route, self.now, exclude)
+        want, ref_reason = self.ref.find_route(member.route, self.now, ref_exclude)
+        assert ((got and got.name), reason) == ((want and want.name), ref_reason)
+        if got is not None and want is not None:
+            self.pool.note_sticky(got, self.now)
+            self.ref.note_sticky(want, self.now)
+
+    def note(self, i: int) -> None:
+        member, ref_member = self.pair(i)
+        self.pool.note_sticky(member, self.now)
+        self.ref.note_sticky(ref_member, self.now)
+
+    def change(self, i: int, add: int, remove: int) -> None:
+        member, ref_member = self.pair(i)
+        assert member.change(add, remove, self.now, "manager") == \
+            ref_member.change(add, remove, self.now, "manager")
+
+    def set_flags(self, i: int, bits: int) -> None:
+        member, ref_member = self.pair(i)
+        member.flags ^= bits
+        ref_member.flags ^= bits
+
+    def error(self, i: int, duration: float | None) -> None:
+        member, ref_member = self.pair(i)
+        assert member.mark_error(self.now, "outlier", duration=duration) == \
+            ref_member.mark_error(self.now, "outlier", duration=duration)
+
+    def busy(self, i: int, how: int) -> None:
+        member, ref_member = self.pair(i)
+        if how == 0:
+            member.begin()
+            ref_member.busy += 1
+        elif how == 1 and ref_member.busy > 0:
+            member.end()
+            ref_member.busy -= 1
+        elif how >= 2:
+            member.busy = ref_member.busy = how - 2
+
+    def traffic(self, i: int, sent: int, received: int) -> None:
+        member, ref_member = self.pair(i)
+        member.transferred += sent
+        member.read += received
+        ref_member.transferred += sent
+        ref_member.read += received
+
+    def lbstatus(self, i: int, value: int) -> None:
+        member, ref_member = self.pair(i)
+        member.lbstatus = ref_member.lbstatus = value
+
+    def reload(self, how: int) -> None:
+        """The same members again, or one loadfactor changed, or the last member gone, or a
+        member added, or one member's URL changed (a new member)."""
+        specs = list(self.pool.spec.members)
+        if how == 1:
+            specs[0] = dataclasses.replace(specs[0], loadfactor=specs[0].loadfactor + 1)
+        elif how == 2 and len(specs) > 1:
+            specs.pop()
+        elif how == 3:
+            specs.append(member_spec(len(specs) + 100, 2.0, slowstart=3.0))
+        elif how == 4:
+            specs[-1] = dataclasses.replace(specs[-1], url="http://moved.test:80")
+        spec = dataclasses.replace(self.pool.spec, members=tuple(specs))
+        self.pool = PoolState(spec, self.pool, self.now)
+        self.ref = RefPool(spec, self.ref, self.now)
+        self.pool.listeners.append(lambda member, change: self.log.append((member.name, change)))
+        self.pool.announce()
+
+    def check(self) -> None:
+        assert snapshot(self.pool.members) == snapshot(self.ref.members)
+        assert self.log == self.ref.log
+        self.log.clear()
+        self.ref.log.clear()
+
+
+OPERATIONS = st.one_of(
+    st.tuples(st.just("choose"), st.sampled_from([0, 0, 0, 0, 1, 2, 3, 5, 64, 127]),
+              st.sampled_from([None, "u1", "u2", "u3"]), st.booleans()),
+    st.tuples(st.just("sticky"), st.integers(0, 7), st.sampled_from([0, 0, 1, 2])),
+    st.tuples(st.just("note"), st.integers(0, 7)),
+    st.tuples(st.just("change"), st.integers(0, 7), st.sampled_from([0, *FLAG_BITS.values()]),
+              st.sampled_from([0, *FLAG_BITS.values()])),
+    st.tuples(st.just("set_flags"), st.integers(0, 7), st.sampled_from(list(FLAG_BITS.values()))),
+    st.tuples(st.just("error"), st.integers(0, 7), st.sampled_from([None, None, 0.0, 2.0, 30.0])),
+    st.tuples(st.just("busy"), st.integers(0, 7), st.sampled_from([0, 0, 1, 1, 2, 4])),
+    st.tuples(st.just("traffic"), st.integers(0, 7), st.integers(0, 300), st.integers(0, 300)),
+    st.tuples(st.just("lbstatus"), st.integers(0, 7), st.integers(-500, 500)),
+    st.tuples(st.just("time"), st.sampled_from([0.0, 0.25, 1.0, 1.0, 3.0, 10.0, 61.0, -0.5])),
+    st.tuples(st.just("reload"), st.integers(0, 4)),
+    st.tuples(st.just("candidates"), st.sampled_from([0, 0, 1, 6])),
+)
+
+SHAPES = st.tuples(
+    st.sampled_from([1, 1, 2, 2, 1.5, 3, 7.25]),                      # loadfactor
+    st.sampled_from([0, 0, 0, 1, 2]),                                   # lbset
+    st.sampled_from(["", "", "", "", "H", "R", "N", "D", "E", "I"]),    # configured status
+    st.sampled_from([0.0, 1.0, 5.0, 60.0]),                             # retry
+    st.sampled_from([0.0, 0.0, 0.0, 4.0]),                              # slowstart
+    st.booleans(),                                                      # redirect to the next member
+)
+
+
+def run_twin(twin: Twin, operations: list[tuple[Any, ...]], every: int = 1) -> None:
+    """Apply the operations to both; compare the whole state after every ``every`` of them (and
+    the choices after each)."""
+    twin.check()
+    for step, (op, *args) in enumerate(operations):
+        if op == "time":
+            twin.now += args[0]
+        elif op == "candidates":
+            mask = args[0]
+            exclude = [x for i, x in enumerate(twin.pool.members) if mask >> i & 1]
+            ref_exclude = [x for i, x in enumerate(twin.ref.members) if mask >> i & 1]
+            assert [x.name for x in twin.pool.candidates(twin.now, exclude)] == \
+                [x.name for x in twin.ref.candidates(twin.now, ref_exclude)]
+        else:
+            getattr(twin, op)(*args)
+        if step % every == 0:
+            twin.check()
+    twin.check()
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(st.lists(SHAPES, min_size=1, max_size=12),
+       st.sampled_from([x.value for x in LBMethod]),
+       st.booleans(), st.booleans(), st.integers(0, 2**32), st.sampled_from([0, 4, SCAN_MAX]),
+       st.lists(OPERATIONS, max_size=60))
+def test_structures_choose_exactly_as_the_walk(shapes: list[tuple[float, int, str, float, float, bool]],
+                                               lbmethod: str, forcerecovery: bool, maglev: bool, seed: int,
+                                               scan_max: int, operations: list[tuple[Any, ...]]) -> None:
+    """``scan_max``: candidate sets up to this size are walked, larger ones kept in heaps (0:
+    heaps always); the set's size crosses it as members come and go."""
+    specs = [member_spec(i, w, s, flags, retry, slowstart,
+                         redirect=f"r{(i + 1) % len(shapes)}" if redirect else None)
+             for i, (w, s, flags, retry, slowstart, redirect) in enumerate(shapes)]
+    with mock.patch.object(scheduling, "SCAN_MAX", scan_max):
+        run_twin(Twin(pool_spec(specs, lbmethod, forcerecovery, maglev), seed), operations)
+
+
+@pytest.mark.parametrize("scan_max", [SCAN_MAX, 1000])
+@pytest.mark.parametrize("lbmethod", [x.value for x in LBMethod])
+def test_structures_match_the_walk_on_a_large_pool(lbmethod: str, scan_max: int) -> None:
+    """300 members (few distinct loadfactors, tiers, spares, standbys) and 3,000 random steps:
+    deep heaps, many busy levels, retries coming due among many members (and the same, walked)."""
+    rnd = random.Random(lbmethod)
+    specs = [member_spec(i, rnd.choice([1, 2, 2.5, 4]), rnd.choice([0, 0, 0, 0, 1]),
+                         rnd.choice(["", "", "", "", "", "", "R", "H", "N", "E"]),
+                         rnd.choice([1.0, 5.0]), rnd.choice([0.0, 0.0, 0.0, 2.0]))
+             for i in range(300)]
+    twin = Twin(pool_spec(specs, lbmethod, maglev=True), seed=7)
+    operations: list[tuple[Any, ...]] = []
+    flags = [*FLAG_BITS.values()]
+    for _ in range(500 if lbmethod == "hash" else 3000):  # hash: a Maglev table per candidate set
+        r = rnd.random()
+        i = rnd.randrange(300)
+        if r < 0.5:
+            operations.append(("choose", rnd.choice([0, 0, 0, 0, 1 << rnd.randrange(300)]),
+                               rnd.choice([None, f"u{rnd.randrange(50)}"]), True))
+        elif r < 0.6:
+            operations.append(("busy", i, 1))
+        elif r < 0.7:
+            operations.append(("busy", i, 0))
+        elif r < 0.78:
+            operations.append(("sticky", i, 0))
+        elif r < 0.84:
+            operations.append(("traffic", i, rnd.randrange(1000), rnd.randrange(5000)))
+        elif r < 0.88:
+            operations.append(("error", i, rnd.choice([None, 0.5, 3.0])))
+        elif r < 0.9:
+            operations.append(("change", i, rnd.choice(flags), rnd.choice(flags)))
+        else:
+            operations.append(("time", rnd.choice([0.01, 0.1, 0.5, 1.0])))
+    with mock.patch.object(scheduling, "SCAN_MAX", scan_max):
+        run_twin(twin, operations, every=10)
+    assert len({c for c in twin.choices if c is not None}) > 50
+
+
+def test_error_clock_moved_earlier_is_seen() -> None:
+    """An outlier ejection of a member already in error can end sooner than its retry: the
+    structures must look again at the new deadline, not the old one."""
+    twin = Twin(pool_spec([member_spec(0, retry=60.0), member_spec(1, lbset=1)], "byrequests"), seed=1)
+    run_twin(twin, [("error", 0, None), ("time", 1.0), ("choose", 0, None), ("error", 0, 2.0),
+                    ("time", 2.0), ("choose", 0, None), ("choose", 0, None)])
+    assert twin.choices == ["m1", "m0", "m0"]
+
+
+def test_clock_going_back_into_a_ramp() -> None:
+    """A member whose slowstart ramp had ended when the structures were built ramps again for a
+    ``now`` before that end."""
+    specs = [member_spec(0, 2.0, status="E", retry=5.0, slowstart=10.0), member_spec(1)]
+    twin = Twin(pool_spec(specs, "byrequests"), seed=1)
+    run_twin(twin, [("time", 5.0), ("candidates", 0), ("time", 15.0), ("choose", 0, None),
+                    *[("choose", 0, None), ("time", -1.0)] * 12, ("note", 1), ("choose", 0, None)])
+    assert twin.pool.members[0].factor(twin.now) < 200
+
+
+class EdgeOfOne(random.Random):
+    """random() at its upper bound: random.choices' guard against rounding picks the last one."""
+
+    def random(self) -> float:
+        return 1.0
+
+
+@pytest.mark.parametrize("mask", [0, 0b100, 0b1100, 0b1])
+def test_weighted_draw_at_the_edge_picks_the_last_candidate(mask: int) -> None:
+    specs = [member_spec(i, 1 + i) for i in range(4)]
+    for lbmethod in ("random", "hash"):
+        twin = Twin(pool_spec(specs, lbmethod), seed=1)
+        twin.pool.random, twin.ref.random = EdgeOfOne(), EdgeOfOne()
+        run_twin(twin, [("choose", mask, None)])
+        last = max(i for i in range(4) if not mask >> i & 1)
+        assert twin.choices == [f"m{last}"]
+
+
+@pytest.mark.parametrize("scan_max", [0, SCAN_MAX])
+@pytest.mark.parametrize("lbmethod", ["leastrequest", "random", "bytraffic", "byrequests", "bybusyness"])
+def test_excluded_candidates_are_skipped_exactly(lbmethod: str, scan_max: int) -> None:
+    """Failover within a request: each exclusion pattern, many times, against the walk."""
+    specs = [member_spec(i, 1 + i % 3, slowstart=4.0 if i == 4 else 0.0) for i in range(8)]
+    twin = Twin(pool_spec(specs, lbmethod), seed=3)
+    operations: list[tuple[Any, ...]] = [("reload", 3)]  # one member ramping up
+    for mask in (0b1, 0b10, 0b1000_0000, 0b1_0001, 0b111_1110, 0b1_0000_0000, 0b1_0101_0101):
+        operations += [("choose", mask, None, True), ("traffic", mask % 7, 50, 10), ("busy", mask % 5, 1),
+                       ("time", 0.25)] * 25
+    with mock.patch.object(scheduling, "SCAN_MAX", scan_max):
+        run_twin(twin, operations)
