@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import resource
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +59,7 @@ from bench.run import (
     status_mib,
     tail,
     wait_quiet,
+    wait_ready,
 )
 
 IDLE_TARGET_MIB = 60.0
@@ -116,25 +117,6 @@ def wait_listening(pid: int, port: int, log: Path, timeout: float) -> None:
             return
         time.sleep(0.1)
     raise Skip(f"proxy not listening on {port} after {timeout:.0f} s:\n{tail(log)}")
-
-
-def wait_ok(pid: int, port: int, log: Path, timeout: float) -> None:
-    """Wait until `GET /` answers 200 (a large pool takes a few seconds to parse)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            raise Skip(f"proxy exited:\n{tail(log)}")
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/")
-            if conn.getresponse().status == 200:
-                return
-        except (OSError, http.client.HTTPException):
-            pass
-        finally:
-            conn.close()
-        time.sleep(0.2)
-    raise Skip(f"proxy not answering 200 on {port} after {timeout:.0f} s:\n{tail(log)}")
 
 
 def exchange(sock: socket.socket) -> int:
@@ -228,7 +210,8 @@ class Proxy:
         self.runs = 0
 
     @contextlib.contextmanager
-    def run(self, pool: Path, port: int, admin: bool = False) -> Iterator[tuple[int, Path]]:
+    def run(self, pool: Path, port: int, admin: bool = False
+            ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
         self.runs += 1
         argv = [sys.executable, *self.launcher, "proxy", str(pool), "--listen", f"127.0.0.1:{port}"]
         if self.admin_option:
@@ -237,7 +220,7 @@ class Proxy:
             print("warning: this proxy has no --admin option")
         log = self.tmp / f"proxy-{self.runs}.log"
         with started([*self.pin.proxy, *argv], log, self.env) as proc:
-            yield proc.pid, log
+            yield proc, log
 
 
 def measure(args: argparse.Namespace) -> tuple[list[Sample], dict[str, object]]:
@@ -259,7 +242,8 @@ def measure(args: argparse.Namespace) -> tuple[list[Sample], dict[str, object]]:
             what = "admin listener on" if admin else "--admin off"
             print(f"demo pool, {what} ...", flush=True)
             port = free_port()
-            with proxy.run(demo, port, admin) as (pid, log):
+            with proxy.run(demo, port, admin) as (proc, log):
+                pid = proc.pid
                 wait_listening(pid, port, log, 30)
                 time.sleep(SETTLE)
                 samples.append(sample(pid, f"idle, demo pool (3 members), {what}", IDLE_TARGET_MIB))
@@ -268,8 +252,9 @@ def measure(args: argparse.Namespace) -> tuple[list[Sample], dict[str, object]]:
         pool = tmp / "bench-pool.yaml"
         bench_pool(pool, ports)
         port = free_port()
-        with proxy.run(pool, port) as (pid, log):
-            wait_ok(pid, port, log, 30)
+        with proxy.run(pool, port) as (proc, log):
+            pid = proc.pid
+            wait_ready(proc, port, log, "balancerpool", 30)
             samples.append(sample(pid, "idle, 2-member bench pool, after 1 request"))
             wait_quiet(pin.cpus, 60)
             row = load(port, args.load_duration, 50, pin, [pid])
@@ -290,8 +275,9 @@ def measure(args: argparse.Namespace) -> tuple[list[Sample], dict[str, object]]:
         members_pool(pool, ports, args.members)
         port = free_port()
         began = time.monotonic()
-        with proxy.run(pool, port) as (pid, log):
-            wait_ok(pid, port, log, 120)
+        with proxy.run(pool, port) as (proc, log):
+            pid = proc.pid
+            wait_ready(proc, port, log, "balancerpool", 120)
             extra["members_start_s"] = round(time.monotonic() - began, 2)
             time.sleep(SETTLE)
             samples.append(sample(pid, f"idle, {args.members} members, after 1 request"))

@@ -285,9 +285,10 @@ def free_port() -> int:
         return port
 
 
-def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, what: str) -> None:
+def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, what: str,
+               timeout: float = READY_TIMEOUT) -> None:
     """Poll `GET /` until it answers 200; raise Skip with the process output if it never does."""
-    deadline = time.monotonic() + READY_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise Skip(f"{what} exited with code {proc.returncode}:\n{tail(log)}")
@@ -301,7 +302,7 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, log: Path, what: str) -
         finally:
             conn.close()
         time.sleep(0.1)
-    raise Skip(f"{what} not ready on port {port} after {READY_TIMEOUT:.0f} s:\n{tail(log)}")
+    raise Skip(f"{what} not ready on port {port} after {timeout:.0f} s:\n{tail(log)}")
 
 
 def sample_bodies(port: int, count: int = 4) -> set[bytes]:

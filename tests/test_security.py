@@ -475,7 +475,9 @@ async def test_unsolicited_bytes_from_a_member_never_answer_another_request(
     proxy = await start_proxy(pool_doc([{"url": witness.url}]))
     port = proxy.server.addresses[0][1]
     assert b"GET /extra" in await exchange(port, b"GET /extra HTTP/1.1\r\nHost: a\r\n" + CLOSE)
-    await asyncio.sleep(0.2)
+    # The injected bytes arrive on the pooled connection, which is closed for them.
+    pools = proxy.server.forwarder.pools["test"].connections.values()
+    await wait_for(lambda: all(conns.open == 0 for conns in pools))
     for _ in range(3):
         raw = await exchange(port, GET + CLOSE)
         assert raw.endswith(b"GET /x\n") and b"POISON" not in raw
