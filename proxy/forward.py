@@ -22,15 +22,15 @@ from .hardening import BadRequest
 from .headers import (
     OWN_REQUEST_FIELDS,
     REVERSE_FIELDS,
-    end_to_end,
     map_path,
     request_fields,
+    response_fields,
     reverse_location,
 )
 from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
 from .keys import load_session_keys
-from .messages import Body, ClientStream, RequestHead, Response, local_response
+from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response, Sink, local_response
 from .metrics import ProxyMetrics
 from .model import (
     BalancerPool,
@@ -94,6 +94,9 @@ class Pool:
         #: Route decisions by reason, for metrics (kept across reloads).
         self.route_reasons: Counter[str] = previous.route_reasons if previous is not None else Counter()
         self.sticky = spec.stickysession is not None or spec.session_cookie is not None
+        #: No session and no BALANCER_* headers: its bodiless requests may take the fast lane.
+        self.fast = not self.sticky and not spec.balancer_variables.request_headers \
+            and not spec.balancer_variables.response_headers
         self.drop = REQUEST_DROP | _VARIABLE_FIELDS if spec.balancer_variables.request_headers \
             else REQUEST_DROP
         self.state: PoolState = PoolState(spec, previous.state if previous is not None else None,
@@ -202,23 +205,27 @@ class _Route:
     pool: Pool
     prefix: str
     backend_prefix: str
+    hosts: frozenset[str] | None
 
 
 class Router:
     """Longest path-prefix match (segment-aware: /app matches /app and /app/x, not /apple)."""
 
     def __init__(self, pools: list[Pool]) -> None:
-        routes = [_Route(r, p, r.path.rstrip("/"), r.backend_path.rstrip("/"))
+        routes = [_Route(r, p, r.path.rstrip("/"), r.backend_path.rstrip("/"),
+                         frozenset(r.hosts) if r.hosts else None)
                   for p in pools for r in p.spec.routes]
         # Host-specific routes before catch-alls, then longest prefix first.
         routes.sort(key=lambda r: (not r.spec.hosts, -len(r.prefix)))
         self.routes = routes
+        self.by_host = any(r.hosts for r in routes)
 
     def match(self, host: str, path: str) -> _Route | None:
-        hostname = host.rsplit(":", 1)[0].lower() if not host.endswith("]") else host.lower()
+        hostname = "" if not self.by_host else (
+            host.rsplit(":", 1)[0].lower() if not host.endswith("]") else host.lower())
         for route in self.routes:
             prefix = route.prefix
-            if route.spec.hosts and hostname not in route.spec.hosts:
+            if route.hosts is not None and hostname not in route.hosts:
                 continue
             if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
                 return route
@@ -247,6 +254,9 @@ class Forwarder:
         #: Told of every member state change of every pool from the next ``apply`` on (the
         #: state bus of ``--workers``); never called on the request path unless flags change.
         self.on_member_change: Callable[[Pool, MemberState, Transition], None] | None = None
+        #: Whether ``fast`` takes requests at all, and how many it sent itself.
+        self.fast_lane = True
+        self.fast_requests = 0
 
     def apply(self, specs: list[BalancerPool]) -> None:
         """Swap in a new configuration; members that stayed keep their state and connections."""
@@ -311,19 +321,29 @@ class Forwarder:
 
     # --- the request path -----------------------------------------------------------------------
 
-    async def handle(self, head: RequestHead, body: Body) -> Response:
+    async def handle(self, head: RequestHead, body: Body, resume: _Resume | None = None
+                     ) -> Response:
+        """``resume``: a request the fast lane began (and counted) but could not finish."""
+        if not accesslog.enabled() and self.metrics is None:
+            return await self._handle(head, body, resume)
+        started = time.monotonic()
+        return self._observed(head, await self._handle(head, body, resume), started)
+
+    def _observed(self, head: RequestHead, response: Response, started: float) -> Response:
+        """``response``, logged and counted when it ends (access log, metrics)."""
         log_on, metrics = accesslog.enabled(), self.metrics
         if not log_on and metrics is None:
-            return await self._handle(head, body)
-        started = time.monotonic()
-        response = await self._handle(head, body)
+            return response
         finish, chunks, info, status = response.finish, response.chunks, response.info, response.status
         sent = [0]
-
-        async def counted() -> AsyncIterator[bytes]:
-            async for chunk in chunks():
-                sent[0] += len(chunk)
-                yield chunk
+        if response.body is not None:
+            sent[0] = len(response.body)  # written as it is; chunks() is not what counts
+        else:
+            async def counted() -> AsyncIterator[bytes]:
+                async for chunk in chunks():
+                    sent[0] += len(chunk)
+                    yield chunk
+            response.chunks = counted
 
         def logged(ok: bool) -> None:
             finish(ok)
@@ -332,10 +352,57 @@ class Forwarder:
             if metrics is not None:
                 metrics.observe(status, started, info, ok)
 
-        response.chunks, response.finish = counted, logged
+        response.finish = logged
         return response
 
-    async def _handle(self, head: RequestHead, body: Body) -> Response:
+    def fast(self, head: RequestHead, sink: Sink) -> bool:
+        """The fast lane, for a bodiless request without Upgrade from the fast front end's
+        parser callback: when its pool needs no session work and the member chosen has an idle
+        pooled connection, the request goes out from here and is answered from that
+        connection's callbacks, with no Task, future or event-loop turn in between. Whatever
+        goes differently (no idle connection, an error before the head) continues on the
+        ordinary path through ``sink.respond_later``, with the same decisions. False: declined,
+        nothing done."""
+        if not self.fast_lane:
+            return False
+        route = self.router.match(head.host, head.path)
+        if route is None:
+            return False
+        pool = route.pool
+        if not pool.fast:
+            return False
+        spec = pool.spec
+        now = self.clock()
+        member = pool.state.choose(now, (), _hash_key(head, spec) if spec.hash is not None else None)
+        if member is None:
+            return False  # the ordinary path waits for one, or answers 503
+        started = time.monotonic()
+        pool.budget.request(now)
+        conns = pool.connections[member.name]
+        conn = conns.take_idle(now)
+        if conn is None:
+            sink.respond_later(self.handle(head, EMPTY_BODY, _Resume(member)))
+            return True
+        member.begin()
+        m = member.spec
+        target = map_path(head.path, route.prefix, route.backend_prefix)
+        if head.query:
+            target += "?" + head.query
+        request_head = _request_head(head, route, m, target,
+                                     self._fixed_headers(head, EMPTY_BODY, pool.drop))
+        try:
+            conn.begin(request_head, head.method == "HEAD")
+        except UpstreamError as exc:  # found closed: nothing went out, try again the usual way
+            self._failed(pool, member, conns, conn, exc, [], [], rewind=True, resendable=False)
+            sink.respond_later(self.handle(head, EMPTY_BODY, _Resume(None)))
+            return True
+        member.transferred += len(request_head)
+        self.fast_requests += 1
+        _Exchange(self, head, sink, route, member, conns, conn, now, started)
+        return True
+
+    async def _handle(self, head: RequestHead, body: Body, resume: _Resume | None = None
+                      ) -> Response:
         route = self.router.match(head.host, head.path)
         if route is None:
             return local_response(404, "Not Found", f"No route for {head.path}",
@@ -348,10 +415,14 @@ class Forwarder:
         fixed = self._fixed_headers(head, body, pool.drop)
         head_only = head.method == "HEAD"
         has_body = body.length != 0
-        tried: list[MemberState] = []
-        failures: list[str] = []
+        tried: list[MemberState] = resume.tried if resume is not None else []
+        failures: list[str] = resume.failures if resume is not None else []
+        chosen = resume.member if resume is not None else None
+        if chosen is not None and state.by_name.get(chosen.name) is not chosen:
+            chosen = None  # a reload came in between: choose again in the new pool
         clock = self.clock
-        pool.budget.request(clock())
+        if resume is None:
+            pool.budget.request(clock())
         deadline = clock() + spec.timeout
         body_started = False
         # May this request go out again after its bytes did? Its method must allow it, and its
@@ -370,9 +441,14 @@ class Forwarder:
         session, signed, reason = self._session(head, pool) if pool.sticky else (NO_ROUTE, None, None)
         hash_key = _hash_key(head, spec) if spec.hash is not None else None
 
+        member: MemberState | None
         while True:
             now = clock()
-            if session.route is not None:
+            if chosen is not None:
+                member, chosen = chosen, None  # chosen by the fast lane, which found no idle connection
+                if reason is None:
+                    reason = Reason.NEW_SESSION
+            elif session.route is not None:
                 member, why = state.find_route(session.route, now, tried)
                 if member is not None:
                     state.note_sticky(member, now)
@@ -417,15 +493,13 @@ class Forwarder:
             acquired = clock()
             member.begin()
             m = member.spec
-            host = head.host if route.spec.preserve_host else m.authority
             variables = self._variables(pool, session, member) if pool.sticky or \
                 spec.balancer_variables.request_headers or spec.balancer_variables.response_headers \
                 else None
             extra = ""
             if variables is not None and spec.balancer_variables.request_headers:
                 extra = "".join(f"{VARIABLE_HEADERS[k]}: {v}\r\n" for k, v in variables.items())
-            request_head = (f"{head.method} {m.base_path}{target} HTTP/1.1\r\nHost: {host}\r\n"
-                            f"{fixed}{extra}\r\n").encode("latin-1")
+            request_head = _request_head(head, route, m, target, fixed, extra)
             try:
                 conn.begin(request_head, head_only)
                 member.transferred += len(request_head)
@@ -438,65 +512,91 @@ class Forwarder:
                         await self._send_body(conn, body, member, prefix)
                 status, reason_phrase, raw_headers = await conn.read_head(m.timeout)
             except UpstreamError as exc:
-                member.end()
-                conns.release(conn, False)
-                # A reused keep-alive connection that the backend closed before answering (the
-                # keep-alive race): re-sent on a fresh connection when nothing is lost doing so,
-                # that is when no body byte was consumed or the body is buffered.
-                if not exc.sent or (isinstance(exc, UpstreamClosed) and conn.reused
-                                    and not conn.received_any
-                                    and (not body_started or buffered is not None)):
-                    # Idle connections at least as old as this one are as likely dead: flush them,
-                    # so that the request goes out on a fresh connection.
-                    flushed = conns.close_idle()
-                    log.info("pool %s: member %s closed a reused connection; re-sending "
-                             "(%d idle connections flushed)", spec.name, member.name, flushed)
+                failed = self._failed(pool, member, conns, conn, exc, tried, failures,
+                                      rewind=not body_started or buffered is not None,
+                                      resendable=resendable)
+                if failed is None:
                     continue
-                failures.append(f"{member.name}: {exc}")
-                if isinstance(exc, UpstreamTimeout):
-                    if spec.failontimeout:
-                        pool.member_error(member, clock(), "failontimeout", str(exc))
-                    else:
-                        pool.observe(member, None, clock())
-                    return local_response(504, _REASONS[504], _explain(spec, 504, failures),
-                                          {"pool": spec.name, "member": member.name,
-                                           "reason": exc.kind, "attempts": len(tried) + 1})
-                if isinstance(exc, UpstreamClosed) and not conn.received_any and resendable:
-                    pool.member_error(member, clock(), "closed-before-response", str(exc))
-                    tried.append(member)
-                    if len(tried) <= spec.maxattempts and pool.budget.try_retry(clock()):
-                        continue
-                    if len(tried) <= spec.maxattempts:
-                        failures.append("retry budget spent: not sent again")
-                elif isinstance(exc, UpstreamProtocolError):
-                    # A malformed or oversized response head: the member is broken.
-                    pool.member_error(member, clock(), "bad-response", str(exc))
-                else:
-                    pool.observe(member, 502, clock())
-                return local_response(502, _REASONS[502], _explain(spec, 502, failures),
-                                      {"pool": spec.name, "member": member.name,
-                                       "reason": exc.kind, "attempts": len(tried) + 1})
+                return failed
             except BaseException:
                 member.end()
                 conns.release(conn, False)
                 raise
 
-            if status in spec.failonstatus:
-                member.mark_error(clock(), "failonstatus", f"status {status}")
-            pool.observe(member, status, clock())
             assert reason is not None
-            pool.route_reasons[reason] += 1
-            response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
-                                    raw_headers, len(tried) + 1)
-            response.info["route_reason"] = reason
-            # connect: getting a connection (pooled or new); response: sending the request until
-            # the response head arrived.
-            response.info["connect_ms"] = round((acquired - attempt_started) * 1000, 3)
-            response.info["response_ms"] = round((clock() - acquired) * 1000, 3)
+            response = self._answered(head, route, member, conns, conn, status, reason_phrase,
+                                      raw_headers, reason, len(tried) + 1, attempt_started, acquired)
             if variables is not None:
                 response.info["balancer"] = variables
                 self._session_response(response, pool, session, signed, member, variables)
             return response
+
+    def _failed(self, pool: Pool, member: MemberState, conns: ConnectionPool,
+                conn: UpstreamConnection, exc: UpstreamError, tried: list[MemberState],
+                failures: list[str], *, rewind: bool, resendable: bool) -> Response | None:
+        """An attempt failed before its response head: the response that ends the request, or
+        None to try again (``tried`` and ``failures`` updated). ``rewind``: the request can go
+        out again as it was (no body byte consumed, or the body buffered); ``resendable``: its
+        method and body allow sending it to another member."""
+        spec = pool.spec
+        clock = self.clock
+        member.end()
+        conns.release(conn, False)
+        # A reused keep-alive connection that the backend closed before answering (the
+        # keep-alive race): re-sent on a fresh connection when nothing is lost doing so.
+        if not exc.sent or (isinstance(exc, UpstreamClosed) and conn.reused
+                            and not conn.received_any and rewind):
+            # Idle connections at least as old as this one are as likely dead: flush them,
+            # so that the request goes out on a fresh connection.
+            flushed = conns.close_idle()
+            log.info("pool %s: member %s closed a reused connection; re-sending "
+                     "(%d idle connections flushed)", spec.name, member.name, flushed)
+            return None
+        failures.append(f"{member.name}: {exc}")
+        if isinstance(exc, UpstreamTimeout):
+            if spec.failontimeout:
+                pool.member_error(member, clock(), "failontimeout", str(exc))
+            else:
+                pool.observe(member, None, clock())
+            return local_response(504, _REASONS[504], _explain(spec, 504, failures),
+                                  {"pool": spec.name, "member": member.name,
+                                   "reason": exc.kind, "attempts": len(tried) + 1})
+        if isinstance(exc, UpstreamClosed) and not conn.received_any and resendable:
+            pool.member_error(member, clock(), "closed-before-response", str(exc))
+            tried.append(member)
+            if len(tried) <= spec.maxattempts and pool.budget.try_retry(clock()):
+                return None
+            if len(tried) <= spec.maxattempts:
+                failures.append("retry budget spent: not sent again")
+        elif isinstance(exc, UpstreamProtocolError):
+            # A malformed or oversized response head: the member is broken.
+            pool.member_error(member, clock(), "bad-response", str(exc))
+        else:
+            pool.observe(member, 502, clock())
+        return local_response(502, _REASONS[502], _explain(spec, 502, failures),
+                              {"pool": spec.name, "member": member.name,
+                               "reason": exc.kind, "attempts": len(tried) + 1})
+
+    def _answered(self, head: RequestHead, route: _Route, member: MemberState,
+                  conns: ConnectionPool, conn: UpstreamConnection, status: int, reason_phrase: bytes,
+                  raw_headers: list[tuple[bytes, bytes]], reason: Reason, attempts: int,
+                  attempt_started: float, acquired: float) -> Response:
+        """The response head arrived: health and outlier bookkeeping, then the response."""
+        pool = route.pool
+        clock = self.clock
+        if status in pool.spec.failonstatus:
+            member.mark_error(clock(), "failonstatus", f"status {status}")
+        pool.observe(member, status, clock())
+        pool.route_reasons[reason] += 1
+        response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
+                                raw_headers, attempts)
+        info = response.info
+        info["route_reason"] = reason
+        # connect: getting a connection (pooled or new); response: sending the request until
+        # the response head arrived.
+        info["connect_ms"] = round((acquired - attempt_started) * 1000, 3)
+        info["response_ms"] = round((clock() - acquired) * 1000, 3)
+        return response
 
     def _session(self, head: RequestHead, pool: Pool
                  ) -> tuple[SessionRoute, SignedSession | None, Reason | None]:
@@ -605,19 +705,8 @@ class Forwarder:
     def _stream(self, head: RequestHead, route: _Route, pool: Pool, member: MemberState,
                 conns: ConnectionPool, conn: UpstreamConnection, status: int, reason: bytes,
                 raw_headers: list[tuple[bytes, bytes]], attempts: int) -> Response:
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw_headers]
-        length: int | None = None
-        chunked = False
-        for n, v in headers:
-            low = n.lower()
-            if low == "content-length":
-                length = int(v) if v.strip().isdigit() else None
-            elif low == "transfer-encoding":
-                chunked = True
-        if chunked:
-            length = None
-        out = end_to_end(headers, frozenset({"content-length"}))
-        if route.spec.reverse:
+        out, length, reverse = response_fields(raw_headers)
+        if reverse and route.spec.reverse:
             origin = f"{head.scheme}://{head.host}" if head.host else ""
             bases = pool.reverse_bases[route.spec.path]
             out = [(n, reverse_location(v, bases, route.backend_prefix, origin, route.prefix))
@@ -626,7 +715,7 @@ class Forwarder:
         bodiless = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         spec = pool.spec
         if status == 101:
-            if conn.upgraded and is_websocket_upgrade(head) and _accepts_websocket(head, headers):
+            if conn.upgraded and is_websocket_upgrade(head) and _accepts_websocket(head, raw_headers):
                 out += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
                 return self._tunnel(pool, member, conns, conn, reason, out, attempts)
             member.end()
@@ -638,16 +727,6 @@ class Forwarder:
                 {"pool": spec.name, "member": member.name, "reason": "bad-upgrade",
                  "attempts": attempts})
 
-        async def chunks() -> AsyncIterator[bytes]:
-            if bodiless:
-                return
-            while True:
-                chunk = await conn.read_body(timeout)
-                if not chunk:
-                    return
-                member.read += len(chunk)
-                yield chunk
-
         def finish(ok: bool) -> None:
             member.end()
             if not ok and isinstance(conn.error, UpstreamTimeout) and spec.failontimeout:
@@ -655,8 +734,23 @@ class Forwarder:
             conns.release(conn, ok)
 
         info: dict[str, object] = {"pool": spec.name, "member": member.name, "attempts": attempts}
-        return Response(status, reason.decode("latin-1") or "", out,
-                        0 if bodiless and head.method != "HEAD" else length, chunks, finish, info)
+        if bodiless or (conn.complete and not conn.reading_paused):
+            # All of it is here already (a small response): handed over as one piece.
+            body = b"" if bodiless else conn.take_body()
+            member.read += len(body)
+            return Response(status, reason.decode("latin-1") or "", out,
+                            0 if bodiless and head.method != "HEAD" else length, finish=finish,
+                            info=info, body=body)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                chunk = await conn.read_body(timeout)
+                if not chunk:
+                    return
+                member.read += len(chunk)
+                yield chunk
+
+        return Response(status, reason.decode("latin-1") or "", out, length, chunks, finish, info)
 
     def _tunnel(self, pool: Pool, member: MemberState, conns: ConnectionPool,
                 conn: UpstreamConnection, reason: bytes, headers: list[tuple[str, str]],
@@ -687,6 +781,79 @@ class Forwarder:
         return local_response(503, _REASONS[503], _explain(spec, 503, failures),
                               {"pool": spec.name, "reason": "no-member", "attempts": attempts},
                               extra=[("Retry-After", "1")])
+
+
+def _request_head(head: RequestHead, route: _Route, m: MemberSpec, target: str, fixed: str,
+                  extra: str = "") -> bytes:
+    host = head.host if route.spec.preserve_host else m.authority
+    return (f"{head.method} {m.base_path}{target} HTTP/1.1\r\nHost: {host}\r\n"
+            f"{fixed}{extra}\r\n").encode("latin-1")
+
+
+@dataclass(slots=True)
+class _Resume:
+    """Where the ordinary path takes over a request from the fast lane."""
+
+    #: Chosen already (and counted by the scheduler), but with no idle connection.
+    member: MemberState | None
+    tried: list[MemberState] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+
+
+class _Exchange:
+    """A fast-lane request on its pooled connection, waiting for the response head: told by
+    the connection's callbacks (the listener), or by the member's timeout."""
+
+    __slots__ = ("conn", "conns", "forwarder", "head", "member", "route", "sent", "sink",
+                 "started")
+
+    def __init__(self, forwarder: Forwarder, head: RequestHead, sink: Sink, route: _Route,
+                 member: MemberState, conns: ConnectionPool, conn: UpstreamConnection,
+                 sent: float, started: float) -> None:
+        self.forwarder = forwarder
+        self.head = head
+        self.sink = sink
+        self.route = route
+        self.member = member
+        self.conns = conns
+        self.conn = conn
+        self.sent = sent
+        self.started = started
+        conn.listener = self
+        timeout = member.spec.timeout
+        if timeout > 0:
+            conn.watch(timeout)
+
+    def upstream_ready(self) -> None:
+        conn = self.conn
+        if conn.head_done:
+            self.conn.listener = None
+            fwd = self.forwarder
+            response = fwd._answered(self.head, self.route, self.member, self.conns, conn,
+                                     conn.status, conn.reason, conn.headers, Reason.NEW_SESSION, 1,
+                                     self.sent, self.sent)
+            self.sink.respond(fwd._observed(self.head, response, self.started))
+        elif conn.error is not None:
+            self.conn.listener = None
+            self._failed(conn.error)
+
+    def timed_out(self) -> None:
+        self.conn.listener = None
+        self._failed(UpstreamTimeout(
+            f"backend did not answer within {self.member.spec.timeout:g}s while waiting for "
+            "the response head"))
+
+    def _failed(self, exc: UpstreamError) -> None:
+        fwd, head = self.forwarder, self.head
+        pool = self.route.pool
+        resume = _Resume(None)
+        response = fwd._failed(pool, self.member, self.conns, self.conn, exc, resume.tried,
+                               resume.failures, rewind=True,
+                               resendable=head.method in IDEMPOTENT or _non_idempotent_ok(head, pool.spec))
+        if response is None:
+            self.sink.respond_later(fwd.handle(head, EMPTY_BODY, resume))
+        else:
+            self.sink.respond(fwd._observed(head, response, self.started))
 
 
 def _explain(spec: BalancerPool, status: int, failures: list[str]) -> str:
@@ -740,7 +907,7 @@ def _short_body(sent: int, length: int) -> BadRequest:
     return BadRequest(400, f"request body of {sent} bytes, {length} announced")
 
 
-def _accepts_websocket(head: RequestHead, headers: list[tuple[str, str]]) -> bool:
+def _accepts_websocket(head: RequestHead, headers: list[tuple[bytes, bytes]]) -> bool:
     """RFC 6455 §4.2.2: a 101 that completes this request's WebSocket handshake, not just
     any 101 (which would open a raw tunnel past the routes)."""
     key = next((v.strip() for n, v in head.headers if n.lower() == "sec-websocket-key"), None)
@@ -750,10 +917,10 @@ def _accepts_websocket(head: RequestHead, headers: list[tuple[str, str]]) -> boo
     upgrade = accept = False
     for name, value in headers:
         low = name.lower()
-        if low == "upgrade":
-            upgrade = value.strip().lower() == "websocket"
-        elif low == "sec-websocket-accept":
-            accept = value.strip() == expected
+        if low == b"upgrade":
+            upgrade = value.strip().lower() == b"websocket"
+        elif low == b"sec-websocket-accept":
+            accept = value.strip() == expected.encode()
     return upgrade and accept
 
 

@@ -53,12 +53,14 @@ from .hardening import (
     check_transfer_encoding,
     split_target,
 )
-from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response
+from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response, Sink
 from .upstream import UpstreamError
 
 log = logging.getLogger("balancerpool.proxy")
 
 Handler = Callable[[RequestHead, Body], Awaitable[Response]]
+#: The core's fast lane: takes a bodiless request and answers through the Sink, or declines.
+FastLane = Callable[[RequestHead, Sink], bool]
 
 #: Request body bytes buffered before the client socket stops being read, and where it resumes.
 HIGH_WATER = 256 * 1024
@@ -234,6 +236,10 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._handle = server.handler
+        self._fast = server.fast
+        #: The request in the fast lane, and whether its connection may be kept.
+        self._fast_head: RequestHead | None = None
+        self._fast_keep = False
         self._loop = server.loop
         self._transport: asyncio.Transport = cast(asyncio.Transport, None)
         self._parser = httptools.HttpRequestParser(self)
@@ -520,7 +526,61 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._serving = True
             self._idle_since = None
-            self._task = self._loop.create_task(self._serve(head, body, keep_alive))
+            self._dispatch(head, body, keep_alive)
+
+    def _dispatch(self, head: RequestHead, body: Body, keep_alive: bool) -> None:
+        """Offer a bodiless request to the core's fast lane; else (or when declined) one Task
+        serves it and whatever is queued behind it."""
+        fast = self._fast
+        if fast is not None and body is EMPTY_BODY and head is not self._upgrade_head:
+            self._fast_head, self._fast_keep = head, keep_alive
+            if fast(head, self):
+                return
+        self._task = self._loop.create_task(self._serve(head, body, keep_alive))
+
+    # --- the fast lane's Sink ---------------------------------------------------------------
+
+    def respond(self, response: Response) -> None:
+        head = self._fast_head
+        assert head is not None
+        if response.body is None:
+            self.respond_later(_ready(response))  # a body still coming: streamed by a Task
+            return
+        keep = self._write_now(head, response, self._fast_keep)
+        self._fast_head = None
+        self._next(head, keep)
+
+    def respond_later(self, response: Awaitable[Response]) -> None:
+        head = self._fast_head
+        assert head is not None
+        self._fast_head = None
+        self._task = self._loop.create_task(self._serve(head, EMPTY_BODY, self._fast_keep, response))
+
+    def _next(self, head: RequestHead, keep: bool) -> None:
+        """After a fast-lane response: what ``_serve`` does between two requests."""
+        if keep and not self._lost:
+            if self._held_for is head:
+                self._release_held()
+            queue = self._queue
+            if queue:
+                item = queue.popleft()
+                if not queue:
+                    self._maybe_resume()
+                if isinstance(item, BadRequest):
+                    self._send_error(item.status, item.detail)
+                else:
+                    self._dispatch(*item)
+                    return
+            elif not (self._stop_parsing or self._closing):
+                self._serving = False
+                self._idle_since = self._loop.time()
+                if self._reading_paused:
+                    self._maybe_resume()
+                return
+        self._close()
+        self._serving = False
+        if self._lost:
+            self._server._forget(self)
 
     def on_body(self, data: bytes) -> None:
         body = self._body_in
@@ -548,11 +608,14 @@ class HttpConnection(asyncio.Protocol):
 
     # --- the request cycle ------------------------------------------------------------------
 
-    async def _serve(self, head: RequestHead, body: Body, keep_alive: bool) -> None:
-        """Answer a request, then every request queued behind it; runs as one Task."""
+    async def _serve(self, head: RequestHead, body: Body, keep_alive: bool,
+                     pending: Awaitable[Response] | None = None) -> None:
+        """Answer a request, then every request queued behind it; runs as one Task.
+        ``pending``: the first request's response, from the fast lane."""
         try:
             while True:
-                keep = await self._respond(head, body, keep_alive)
+                keep = await self._respond(head, body, keep_alive, pending)
+                pending = None
                 if not keep or self._lost:
                     break
                 if self._held_for is head:
@@ -586,10 +649,11 @@ class HttpConnection(asyncio.Protocol):
             if self._lost:
                 self._server._forget(self)
 
-    async def _respond(self, head: RequestHead, body: Body, keep_alive: bool) -> bool:
+    async def _respond(self, head: RequestHead, body: Body, keep_alive: bool,
+                       pending: Awaitable[Response] | None = None) -> bool:
         """Write the response to one request; True when the connection may serve another."""
         try:
-            response = await self._handle(head, body)
+            response = await (self._handle(head, body) if pending is None else pending)
         except BadRequest as exc:
             self._send_error(exc.status, exc.detail)
             return False
@@ -600,64 +664,27 @@ class HttpConnection(asyncio.Protocol):
             log.exception("front end: handling %s %s failed", head.method, head.path)
             self._send_error(500, "internal error")
             return False
+        if body is not EMPTY_BODY:
+            request_body = cast(RequestBody, body)
+            if not request_body.complete and not self._settle(request_body):
+                keep_alive = False
+        if response.body is not None and response.status != 101:
+            return self._write_now(head, response, keep_alive)
         ok = False
         try:  # from here on, finish() is called whatever happens
             if self._lost:
                 log.debug("client %s went away before the response", head.client)
                 return False
-            status = response.status
-            if status == 101:
+            if response.status == 101:
                 ok = await self._run_tunnel(response, head)
                 return False
-            method = head.method
-            http10 = head.version < (1, 1)
-            if body is not EMPTY_BODY:
-                request_body = cast(RequestBody, body)
-                if not request_body.complete and not self._settle(request_body):
-                    keep_alive = False
-            if self._closing or self._must_close or (self._stop_parsing and not self._queue):
-                keep_alive = False
-            length = response.length
-            chunked = False
-            if method == "HEAD" or status < 200 or status == 204 or status == 304:
-                bodiless = True
-                framing = (f"Content-Length: {length}\r\n"
-                           if length is not None and method == "HEAD" and status >= 200
-                           and status != 204 and status != 304 else "")
-                if status < 200:
-                    keep_alive = False  # 101 cannot be followed here (no tunnel yet)
-            else:
-                bodiless = False
-                if length is not None:
-                    framing = f"Content-Length: {length}\r\n"
-                elif http10:
-                    framing = ""
-                    keep_alive = False  # the end of the body is the end of the connection
-                else:
-                    framing = "Transfer-Encoding: chunked\r\n"
-                    chunked = True
-            if not keep_alive:
-                framing += "Connection: close\r\n"
-            elif http10:
-                framing += "Connection: keep-alive\r\n"
-            fields = "".join([f"{n}: {v}\r\n" for n, v in response.headers])
-            reason = response.reason or _PHRASES.get(status, "")
-            text = f"HTTP/1.1 {status} {reason}\r\n{fields}{framing}\r\n"
-            try:
-                data = text.encode("latin-1")
-            except UnicodeEncodeError:
-                data = text.encode("utf-8")
+            data, bodiless, chunked, keep_alive = self._response_head(head, response, keep_alive)
             if bodiless:
                 self._transport.write(data)
             else:
                 sent = await self._stream(response, data, chunked)
-                if length is not None and sent != length:
-                    # Whatever the cause, the client's framing is broken: cut the connection
-                    # rather than leave it waiting for bytes that will never come.
-                    log.warning("pool %s: member %s: response body of %d bytes, %d announced",
-                                response.info.get("pool"), response.info.get("member"), sent,
-                                length)
-                    self._abort()
+                if response.length is not None and sent != response.length:
+                    self._wrong_length(response, sent)
                     return False
             ok = True
         except UpstreamError as exc:
@@ -673,6 +700,84 @@ class HttpConnection(asyncio.Protocol):
         finally:
             response.finish(ok)
         return keep_alive and not self._must_close
+
+    def _write_now(self, head: RequestHead, response: Response, keep_alive: bool) -> bool:
+        """Write a response whose body is at hand in one write; True when the connection may
+        serve another request."""
+        ok = False
+        try:
+            if self._lost or self._transport.is_closing():
+                log.debug("client %s went away before the response", head.client)
+                return False
+            data, bodiless, chunked, keep_alive = self._response_head(head, response, keep_alive)
+            body = response.body
+            assert body is not None
+            if not bodiless:
+                length = response.length
+                if length is not None and len(body) != length:
+                    self._transport.write(data)
+                    self._wrong_length(response, len(body))
+                    return False
+                if chunked:
+                    body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+                if len(body) <= JOIN_SIZE:
+                    self._transport.write(data + body)
+                else:
+                    self._transport.writelines([data, body])
+            else:
+                self._transport.write(data)
+            ok = True
+        finally:
+            response.finish(ok)
+        return keep_alive and not self._must_close
+
+    def _wrong_length(self, response: Response, sent: int) -> None:
+        # Whatever the cause, the client's framing is broken: cut the connection rather than
+        # leave it waiting for bytes that will never come.
+        log.warning("pool %s: member %s: response body of %d bytes, %d announced",
+                    response.info.get("pool"), response.info.get("member"), sent, response.length)
+        self._abort()
+
+    def _response_head(self, head: RequestHead, response: Response, keep_alive: bool
+                       ) -> tuple[bytes, bool, bool, bool]:
+        """The response head's bytes, and whether the response is bodiless, chunked and
+        followed by another on this connection."""
+        status = response.status
+        method = head.method
+        http10 = head.version < (1, 1)
+        if self._closing or self._must_close or (self._stop_parsing and not self._queue):
+            keep_alive = False
+        length = response.length
+        chunked = False
+        if method == "HEAD" or status < 200 or status == 204 or status == 304:
+            bodiless = True
+            framing = (f"Content-Length: {length}\r\n"
+                       if length is not None and method == "HEAD" and status >= 200
+                       and status != 204 and status != 304 else "")
+            if status < 200:
+                keep_alive = False  # 101 cannot be followed here (no tunnel yet)
+        else:
+            bodiless = False
+            if length is not None:
+                framing = f"Content-Length: {length}\r\n"
+            elif http10:
+                framing = ""
+                keep_alive = False  # the end of the body is the end of the connection
+            else:
+                framing = "Transfer-Encoding: chunked\r\n"
+                chunked = True
+        if not keep_alive:
+            framing += "Connection: close\r\n"
+        elif http10:
+            framing += "Connection: keep-alive\r\n"
+        fields = "".join([f"{n}: {v}\r\n" for n, v in response.headers])
+        reason = response.reason or _PHRASES.get(status, "")
+        text = f"HTTP/1.1 {status} {reason}\r\n{fields}{framing}\r\n"
+        try:
+            data = text.encode("latin-1")
+        except UnicodeEncodeError:
+            data = text.encode("utf-8")
+        return data, bodiless, chunked, keep_alive
 
     async def _run_tunnel(self, response: Response, head: RequestHead) -> bool:
         """A 101: write the head, then the connection is a tunnel while ``upgrade`` runs."""
@@ -1001,6 +1106,10 @@ class HttpConnection(asyncio.Protocol):
 _TIMED_OUT: Any = object()
 
 
+async def _ready(response: Response) -> Response:
+    return response
+
+
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(_TIMED_OUT)
@@ -1016,8 +1125,10 @@ class HttpServer:
     """The protocol factory for ``loop.create_server`` plus the set of open connections."""
 
     def __init__(self, handler: Handler, *, limits: Limits = DEFAULT_LIMITS,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, fast: FastLane | None = None
+                 ) -> None:
         self.handler = handler
+        self.fast = fast
         self.limits = limits
         self.loop = loop or asyncio.get_running_loop()
         self.connections: set[HttpConnection] = set()

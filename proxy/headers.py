@@ -15,22 +15,47 @@ OWN_REQUEST_FIELDS = frozenset({"host", "content-length", "expect", "x-forwarded
 REVERSE_FIELDS = frozenset({"location", "content-location", "uri"})
 
 
-def connection_tokens(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+#: What a response head loses on its way to the client: the proxy frames the body itself.
+_RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_REVERSE_BYTES = frozenset(n.encode() for n in REVERSE_FIELDS)
+#: What a request head loses besides a pool's own list: the forwarding fields are rewritten.
+_REQUEST_DROP = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-host"}
+
+
+def _tokens(value: str, listed: set[str] | None) -> set[str]:
     """Field names listed in ``Connection``: hop-by-hop for this hop only (RFC 9110 §7.6.1)."""
-    tokens: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
-            tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return frozenset(tokens)
+    tokens = listed if listed is not None else set()
+    tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
 
 
-def end_to_end(headers: Iterable[tuple[str, str]], also_drop: frozenset[str] = frozenset()
-               ) -> list[tuple[str, str]]:
-    """The headers without hop-by-hop fields, those named in Connection, and ``also_drop``."""
-    headers = list(headers)
-    listed = connection_tokens(headers)
-    return [(n, v) for n, v in headers
-            if (low := n.lower()) not in HOP_BY_HOP and low not in listed and low not in also_drop]
+def response_fields(raw: list[tuple[bytes, bytes]]
+                    ) -> tuple[list[tuple[str, str]], int | None, bool]:
+    """A member's response fields to pass on, in one pass (the per-request path): without
+    hop-by-hop fields, those named in Connection, and Content-Length; with that length (None
+    when chunked or absent) and whether any field may need ``ProxyPassReverse``."""
+    out: list[tuple[str, str]] = []
+    length: int | None = None
+    chunked = reverse = False
+    listed: set[str] | None = None
+    drop = _RESPONSE_DROP
+    for name, value in raw:
+        low = name.lower()
+        if low in drop:
+            if low == b"content-length":
+                length = int(value) if value.strip().isdigit() else None
+            elif low == b"transfer-encoding":
+                chunked = True
+            elif low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                listed = _tokens(value.decode("latin-1"), listed)
+            continue
+        if low in _REVERSE_BYTES:
+            reverse = True
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    if listed and not listed <= HOP_BY_HOP:
+        out = [(n, v) for n, v in out if n.lower() not in listed]
+    return out, None if chunked else length, reverse
 
 
 def map_path(path: str, route_prefix: str, backend_prefix: str) -> str:
@@ -57,29 +82,35 @@ def reverse_location(value: str, backend_urls: Iterable[str], backend_prefix: st
 
 def request_fields(headers: list[tuple[str, str]], drop: frozenset[str], client: str, host: str
                    ) -> tuple[list[str], bool]:
-    """The request fields to forward as ``Name: value`` lines, in two passes over the headers
+    """The request fields to forward as ``Name: value`` lines, in one pass over the headers
     (the proxy's per-request path): the end-to-end fields, then ``X-Forwarded-For`` and
     ``X-Forwarded-Host`` with this hop appended to any list the client sent, as httpd does.
     Also says whether the request asks for a WebSocket (``Upgrade: websocket`` with
     ``Connection: upgrade``; the method is the caller's to check)."""
-    listed = connection_tokens(headers)
     lines: list[str] = []
     xff: list[str] = []
     xfh: list[str] = []
+    listed: set[str] | None = None
     websocket = False
+    hop = _REQUEST_DROP
     for name, value in headers:
         low = name.lower()
-        if low == "x-forwarded-for":
-            xff.append(value)
-        elif low == "x-forwarded-host":
-            xfh.append(value)
-        elif low == "upgrade" and "websocket" in value.lower():
-            websocket = True
-        if low not in HOP_BY_HOP and low not in listed and low not in drop:
+        if low in hop:
+            if low == "x-forwarded-for":
+                xff.append(value)
+            elif low == "x-forwarded-host":
+                xfh.append(value)
+            elif low == "connection":
+                listed = _tokens(value, listed)
+            elif low == "upgrade" and "websocket" in value.lower():
+                websocket = True
+        elif low not in drop:
             lines.append(f"{name}: {value}")
+    if listed and not listed <= HOP_BY_HOP:
+        lines = [line for line in lines if line[:line.index(":")].lower() not in listed]
     xff.append(client)
     lines.append(f"X-Forwarded-For: {', '.join(xff)}")
     if host:
         xfh.append(host)
         lines.append(f"X-Forwarded-Host: {', '.join(xfh)}")
-    return lines, websocket and "upgrade" in listed
+    return lines, websocket and listed is not None and "upgrade" in listed

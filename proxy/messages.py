@@ -1,8 +1,9 @@
 """The seam between a front-end HTTP server and the balancing core.
 
-A front end (today aiohttp's low-level server; later perhaps a bare uvloop+httptools protocol)
-hands the core a parsed :class:`RequestHead` and a :class:`Body`, and gets back a
-:class:`Response` to write. Scheduling, stickiness and health never see the front end's types.
+A front end (aiohttp's low-level server, or the fast uvloop+httptools protocol) hands the core a
+parsed :class:`RequestHead` and a :class:`Body`, and gets back a :class:`Response` to write. The
+fast front end may instead offer a bodiless request to the core's fast lane with itself as the
+:class:`Sink`. Scheduling, stickiness and health never see the front end's types.
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ class Response:
     #: For a 101 response: run with the client's stream once the head is written; the tunnel
     #: lasts until this returns (then ``finish``).
     upgrade: Callable[[ClientStream], Awaitable[None]] | None = None
+    #: The whole body when it is already at hand (a small response, a local one): then it is
+    #: written at once and ``chunks`` is not used.
+    body: bytes | None = None
+
+
+class Sink(Protocol):
+    """Where the fast lane delivers: the front end's connection, which knows the request."""
+
+    def respond(self, response: Response) -> None:
+        """Write ``response`` (at once when its body is at hand) and go on with the connection.
+        Never called from inside the front end's own parser callbacks."""
+
+    def respond_later(self, response: Awaitable[Response]) -> None:
+        """The ordinary way after all: await ``response`` in a Task, then write it."""
 
 
 def local_response(status: int, reason: str, text: str, info: dict[str, object] | None = None,
@@ -92,4 +107,4 @@ def local_response(status: int, reason: str, text: str, info: dict[str, object] 
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
     if extra:
         headers.extend(extra)
-    return Response(status, reason, headers, len(body), chunks, info=info or {})
+    return Response(status, reason, headers, len(body), chunks, info=info or {}, body=body)

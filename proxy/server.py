@@ -130,8 +130,12 @@ class FrontEnd:
         ok = False
         try:
             await response.prepare(request)
-            async for chunk in result.chunks():
-                await response.write(chunk)
+            if result.body is not None:
+                if result.body:
+                    await response.write(result.body)
+            else:
+                async for chunk in result.chunks():
+                    await response.write(chunk)
             await response.write_eof()
             ok = True
         except ConnectionResetError:
@@ -171,7 +175,8 @@ class ProxyServer:
         self.frontend = frontend or DEFAULT_FRONTEND
         self.server: _Listener
         if self.frontend == "fast":
-            self.server = HttpServer(self.forwarder.handle, limits=limits, loop=self.loop)
+            self.server = HttpServer(self.forwarder.handle, limits=limits, loop=self.loop,
+                                     fast=self.forwarder.fast)
         elif self.frontend == "aiohttp":
             self.server = web.Server(FrontEnd(self.forwarder), access_log=None,
                                      auto_decompress=False, keepalive_timeout=limits.keepalive_timeout,

@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
@@ -65,6 +65,14 @@ class UpstreamProtocolError(UpstreamError):
     kind = "protocol"
 
 
+class Listener(Protocol):
+    def upstream_ready(self) -> None:
+        """The response head, an error, or the end of the connection arrived."""
+
+    def timed_out(self) -> None:
+        """The deadline set with ``watch`` passed first."""
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a member, serving one request at a time."""
 
@@ -104,6 +112,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
+        #: Told, instead of a waiting coroutine, when the head, an error or the end arrives (a
+        #: fast-lane exchange); called once the callback that learnt it has returned.
+        self.listener: Listener | None = None
+        self._tell = False
+        #: The listener's deadline, checked by one lazily re-armed timer (see ``watch``).
+        self.deadline = 0.0
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -117,6 +133,11 @@ class UpstreamConnection(asyncio.Protocol):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def data_received(self, data: bytes) -> None:
+        self._received(data)
+        if self._tell:
+            self._told()
+
+    def _received(self, data: bytes) -> None:
         self.received_any = True
         if self.upgraded:
             self.on_body(data)
@@ -172,10 +193,15 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamClosed(
                 "backend closed the connection before the response ended" if self.head_done
                 else "backend closed the connection before responding"))
+        if self._tell:
+            self._told()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         if self.upgraded:
             self.complete = True
             self._wake()
@@ -183,6 +209,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamClosed(f"connection to backend lost: {exc or 'closed'}"))
         self._wake_drain()
         self.pool.drop(self)
+        if self._tell:
+            self._told()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -296,6 +324,13 @@ class UpstreamConnection(asyncio.Protocol):
                 raise self.error
             await self._wait_data(timeout, "reading the response body")
 
+    def take_body(self) -> bytes:
+        """All of a complete response's body at once (nothing is awaited)."""
+        chunks = self.chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(self._take_all())
+        self.buffered = 0
+        return body
+
     def _take_all(self) -> list[bytes]:
         chunks = list(self.chunks)
         self.chunks.clear()
@@ -337,9 +372,41 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
 
     def _wake(self) -> None:
+        if self.listener is not None:
+            self._tell = True  # told when the protocol callback returns: never from the parser
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def watch(self, timeout: float) -> None:
+        """Tell the listener ``timed_out`` unless it was told otherwise within ``timeout``.
+        A keep-alive connection keeps one timer that is only moved when it fires early, so
+        that a request costs no timer of its own."""
+        loop = self.loop
+        deadline = self.deadline = loop.time() + timeout
+        if self._deadline_timer is None or self._deadline_at > deadline:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_at = deadline
+            self._deadline_timer = loop.call_at(deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._deadline_timer = None
+        listener = self.listener
+        if listener is None or self.closed:
+            return
+        if self.loop.time() < self.deadline:
+            self._deadline_at = self.deadline
+            self._deadline_timer = self.loop.call_at(self.deadline, self._on_deadline)
+            return
+        listener.timed_out()
+
+    def _told(self) -> None:
+        self._tell = False
+        listener = self.listener
+        if listener is not None:
+            listener.upstream_ready()
 
     def _wake_drain(self) -> None:
         waiter = self.drain_waiter
@@ -408,17 +475,8 @@ class ConnectionPool:
             acquire = self.member.timeout or None
         deadline = None if acquire is None else self.loop.time() + acquire
         while True:
-            now = self.clock()
-            while self.idle:
-                conn = self.idle.pop()
-                if conn.closed:
-                    continue
-                if now >= conn.expires:
-                    # The backend is about to close it (its Keep-Alive timeout): never reuse it.
-                    conn.close()
-                    self.drop(conn)
-                    continue
-                conn.reused = True
+            conn = self.take_idle(self.clock())
+            if conn is not None:
                 return conn
             if self.max is None or self.open < self.max:
                 return await self._connect()
@@ -438,6 +496,22 @@ class ConnectionPool:
             if handed is not None:
                 handed.reused = True
                 return handed
+
+    def take_idle(self, now: float) -> UpstreamConnection | None:
+        """The most recently used idle connection, or None (then ``acquire`` must wait)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if now >= conn.expires:
+                # The backend is about to close it (its Keep-Alive timeout): never reuse it.
+                conn.close()
+                self.drop(conn)
+                continue
+            conn.reused = True
+            return conn
+        return None
 
     async def _connect(self) -> UpstreamConnection:
         self.open += 1
