@@ -69,9 +69,6 @@ class Listener(Protocol):
     def upstream_ready(self) -> None:
         """The response head, an error, or the end of the connection arrived."""
 
-    def timed_out(self) -> None:
-        """The deadline set with ``watch`` passed first."""
-
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a member, serving one request at a time."""
@@ -116,10 +113,6 @@ class UpstreamConnection(asyncio.Protocol):
         #: fast-lane exchange); called once the callback that learnt it has returned.
         self.listener: Listener | None = None
         self._tell = False
-        #: The listener's deadline, checked by one lazily re-armed timer (see ``watch``).
-        self.deadline = 0.0
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._deadline_at = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -199,9 +192,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
         if self.upgraded:
             self.complete = True
             self._wake()
@@ -378,29 +368,6 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def watch(self, timeout: float) -> None:
-        """Tell the listener ``timed_out`` unless it was told otherwise within ``timeout``.
-        A keep-alive connection keeps one timer that is only moved when it fires early, so
-        that a request costs no timer of its own."""
-        loop = self.loop
-        deadline = self.deadline = loop.time() + timeout
-        if self._deadline_timer is None or self._deadline_at > deadline:
-            if self._deadline_timer is not None:
-                self._deadline_timer.cancel()
-            self._deadline_at = deadline
-            self._deadline_timer = loop.call_at(deadline, self._on_deadline)
-
-    def _on_deadline(self) -> None:
-        self._deadline_timer = None
-        listener = self.listener
-        if listener is None or self.closed:
-            return
-        if self.loop.time() < self.deadline:
-            self._deadline_at = self.deadline
-            self._deadline_timer = self.loop.call_at(self.deadline, self._on_deadline)
-            return
-        listener.timed_out()
 
     def _told(self) -> None:
         self._tell = False
