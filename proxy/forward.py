@@ -859,9 +859,19 @@ class _Exchange:
             self.conn.listener = None
             self.forwarder._waiting.discard(self)
             fwd = self.forwarder
-            response = fwd._answered(self.head, self.route, self.member, self.conns, conn,
-                                     conn.status, conn.reason, conn.headers, Reason.NEW_SESSION, 1,
-                                     self.sent, self.sent)
+            try:
+                response = fwd._answered(self.head, self.route, self.member, self.conns, conn,
+                                         conn.status, conn.reason, conn.headers,
+                                         Reason.NEW_SESSION, 1, self.sent, self.sent)
+            except Exception:
+                # A bug, not the member's doing: the client gets a 500 as on the ordinary path,
+                # rather than a connection left waiting inside a protocol callback.
+                log.exception("pool %s: handling the response of member %s failed",
+                              self.route.pool.spec.name, self.member.name)
+                self.member.end()
+                self.conns.release(conn, False)
+                response = local_response(500, "Internal Server Error", "internal error",
+                                          {"pool": self.route.pool.spec.name, "reason": "error"})
             self.sink.respond(fwd._observed(self.head, response, self.started))
         elif conn.error is not None:
             self.conn.listener = None

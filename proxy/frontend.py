@@ -557,30 +557,37 @@ class HttpConnection(asyncio.Protocol):
         self._task = self._loop.create_task(self._serve(head, EMPTY_BODY, self._fast_keep, response))
 
     def _next(self, head: RequestHead, keep: bool) -> None:
-        """After a fast-lane response: what ``_serve`` does between two requests."""
+        """After a fast-lane response."""
+        item = self._after(head, keep)
+        if item is not None:
+            self._dispatch(*item)
+            return
+        self._serving = False
+        if self._lost:
+            self._server._forget(self)
+
+    def _after(self, head: RequestHead, keep: bool) -> tuple[RequestHead, Body, bool] | None:
+        """Between two requests: the next queued one to serve, or None when there is none (the
+        connection is then idle, or closed when it may not be kept)."""
         if keep and not self._lost:
             if self._held_for is head:
-                self._release_held()
+                self._release_held()  # an Upgrade request answered in HTTP: parse on
             queue = self._queue
             if queue:
                 item = queue.popleft()
                 if not queue:
                     self._maybe_resume()
-                if isinstance(item, BadRequest):
-                    self._send_error(item.status, item.detail)
-                else:
-                    self._dispatch(*item)
-                    return
+                if not isinstance(item, BadRequest):
+                    return item
+                self._send_error(item.status, item.detail)
             elif not (self._stop_parsing or self._closing):
                 self._serving = False
                 self._idle_since = self._loop.time()
                 if self._reading_paused:
                     self._maybe_resume()
-                return
+                return None
         self._close()
-        self._serving = False
-        if self._lost:
-            self._server._forget(self)
+        return None
 
     def on_body(self, data: bytes) -> None:
         body = self._body_in
@@ -616,28 +623,10 @@ class HttpConnection(asyncio.Protocol):
             while True:
                 keep = await self._respond(head, body, keep_alive, pending)
                 pending = None
-                if not keep or self._lost:
-                    break
-                if self._held_for is head:
-                    self._release_held()  # an Upgrade request answered in HTTP: parse on
-                queue = self._queue
-                if queue:
-                    item = queue.popleft()
-                    if not queue:
-                        self._maybe_resume()
-                    if isinstance(item, BadRequest):
-                        self._send_error(item.status, item.detail)
-                        break
-                    head, body, keep_alive = item
-                    continue
-                if self._stop_parsing or self._closing:
-                    break
-                self._serving = False
-                self._idle_since = self._loop.time()
-                if self._reading_paused:
-                    self._maybe_resume()
-                return
-            self._close()
+                item = self._after(head, keep)
+                if item is None:
+                    return
+                head, body, keep_alive = item
         except asyncio.CancelledError:
             self._abort()
             raise
