@@ -159,6 +159,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamProtocolError(f"backend upgraded without a 101 ({self.status})"))
             return
         except httptools.HttpParserError as exc:
+            if self.complete and self.head_done:
+                # on_message_begin refused a second message in the same read: the response
+                # stands, the connection is never reused.
+                log.warning("member %s sent bytes after its response; connection closed",
+                            self.pool.member.name)
+                self.keep_alive = False
+                self.close()
+                return
             self._fail(UpstreamProtocolError(f"malformed response from backend: {exc}"))
             return
         if not self.head_done:
@@ -210,6 +218,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._wake_drain()
 
     # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Another message right behind the response, in the same read: llhttp would merge
+            # it into this exchange (its status, fields and body). Stop here.
+            raise UpstreamProtocolError("bytes after the response")
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
