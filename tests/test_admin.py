@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from balancerpool.proxy import admin as admin_module
 from balancerpool.proxy import metrics as metrics_module
@@ -24,7 +23,7 @@ from balancerpool.proxy.messages import EMPTY_BODY, RequestHead
 from balancerpool.proxy.model import BalancerPool, parse_pools
 from balancerpool.proxy.persist import FileStore, dump, to_document, write_atomically
 
-from .conftest import Backends, get, pool_doc
+from .conftest import Backends, get, metric_samples, pool_doc
 from .test_proxy import names
 
 TOKEN = "t0ken-for-the-admin-tests-0123456789"
@@ -573,14 +572,6 @@ def test_hash_password_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
 # --- metrics -----------------------------------------------------------------------------------
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 async def _request(handle: Any, path: str = "/") -> int:
     head = RequestHead("GET", path, "", (1, 1), [("Host", "x")], "x", "127.0.0.1")
     response = await handle(head, EMPTY_BODY)
@@ -606,7 +597,7 @@ async def test_metrics_parse_and_count_what_happened(backends: Backends, start_p
     await names(client, proxy.url + "/", 2)  # not instrumented: only the live state counts it
     status, text, _ = await get(client, admin.url + "/metrics")
     assert status == 200
-    s = _samples(text)
+    s = metric_samples(text)
 
     def v(name: str, **labels: str) -> float:
         return s[(name, tuple(sorted(labels.items())))]
@@ -630,7 +621,7 @@ async def test_metrics_parse_and_count_what_happened(backends: Backends, start_p
     assert v("balancerpool_pool_members", pool="test") == 2
     # A manager change is counted too.
     assert (await admin.send("PATCH", "/api/pools/test/members/a", {"loadfactor": 2}))[0] == 200
-    s = _samples((await get(client, admin.url + "/metrics"))[1])
+    s = metric_samples((await get(client, admin.url + "/metrics"))[1])
     assert v("balancerpool_manager_changes_total", pool="test", kind="member") == 1
     assert v("balancerpool_member_loadfactor", pool="test", member="a") == 2
 
@@ -646,7 +637,7 @@ async def test_health_check_results_are_metrics(backends: Backends, start_proxy:
     assert checker is not None
     await checker.check_all()
     admin = await start_admin_for(proxy.server.forwarder)
-    s = _samples((await get(client, admin.url + "/metrics"))[1])
+    s = metric_samples((await get(client, admin.url + "/metrics"))[1])
     assert s[("balancerpool_health_check_up", (("member", "a"), ("pool", "test")))] == 1
     assert s[("balancerpool_health_check_up", (("member", "b"), ("pool", "test")))] == 0
     assert s[("balancerpool_member_status", (("flag", "C"), ("member", "b"), ("pool", "test")))] == 1
@@ -670,7 +661,7 @@ def test_metrics_observe_counts_local_answers_and_incomplete_bodies() -> None:
         m.observe(503, time.monotonic(), {"pool": "p", "reason": "no-member", "attempts": 2}, True)
         m.observe(200, time.monotonic(), {"pool": "p", "member": "x", "attempts": 1,
                                           "route_reason": "sticky"}, False)
-        s = _samples(m.render().decode())
+        s = metric_samples(m.render().decode())
     finally:
         loop.close()
     assert s[("balancerpool_requests_total", (("code", "4xx"), ("member", ""), ("pool", "")))] == 1

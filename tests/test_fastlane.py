@@ -23,14 +23,13 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from balancerpool.proxy import accesslog
 from balancerpool.proxy import metrics as metrics_module
 from balancerpool.proxy.model import parse_pools
 from balancerpool.proxy.scheduling import bits_to_flags
 
-from .conftest import Backends, pool_doc, wait_for
+from .conftest import Backends, metric_samples, pool_doc, wait_for
 
 #: start_proxy with the fast front end only: the aiohttp front end has no fast lane.
 FRONTENDS = ("fast",)
@@ -328,6 +327,20 @@ def named(name: str) -> Handler:
     return handler
 
 
+async def _warmed(raw: StartRaw, start_proxy: Any, open_wire: OpenWire,
+                  handler: Handler | None = None, warm: bytes | None = b"GET /warm 0"
+                  ) -> tuple[RawBackend, Any, Any, Wire]:
+    """A member "m" (``handler``, else echo), a proxy, its forwarder, and a client connection
+    whose first request (answered ``warm``) opened the pooled connection, so that the next ones
+    can take the fast lane (``warm=None``: no first request)."""
+    backend = await raw(handler or echo)
+    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
+    wire = await open_wire(proxy)
+    if warm is not None:
+        assert (await wire.ask(request("/warm"))).body == warm
+    return backend, proxy, proxy.server.forwarder, wire
+
+
 async def echo(ask: Ask) -> bool:
     ask.writer.write(response(200, f"{ask.method} {ask.target} {len(ask.body)}".encode()))
     return True
@@ -415,10 +428,7 @@ async def bodiless_answers(ask: Ask) -> bool:
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "one-by-one"])
 async def test_head_204_and_304_are_framed_exactly(raw: StartRaw, start_proxy: Any,
                                                    open_wire: OpenWire, pipelined: bool) -> None:
-    backend = await raw(bodiless_answers)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, bodiless_answers, None)
     assert (await wire.ask(request("/warm"))).body == b"warm"  # opens the pooled connection
     before = fwd.fast_requests
     if pipelined:
@@ -483,11 +493,7 @@ async def test_slow_chunked_response_started_in_the_fast_lane_is_streamed(
         ask.writer.write(b"0\r\n\r\n")
         return True
 
-    backend = await raw(drip)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
-    assert (await wire.ask(request("/warm"))).body == b"GET /warm 0"
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, drip, b"GET /warm 0")
     before = fwd.fast_requests
     await wire.send(request("/drip"))
     head = await wire.head()
@@ -527,10 +533,7 @@ async def test_keepalive_race_is_resent_without_a_client_visible_error(
         ask.writer.write(response(200, f"{ask.target} on {ask.conn}".encode()))
         return True
 
-    backend = await raw(one_per_connection)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, one_per_connection, None)
     replies = [await wire.ask(request(f"/r{i}")) for i in range(5)]
     assert [(r.status, r.body) for r in replies] == [(200, f"/r{i} on {i + 1}".encode())
                                                      for i in range(5)]
@@ -641,11 +644,7 @@ async def test_member_timeout_in_the_fast_lane_is_a_504_and_the_connection_is_dr
 
 async def test_pipelined_mix_of_fast_and_body_requests_answered_in_order(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
-    backend = await raw(echo)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
-    assert (await wire.ask(request("/warm"))).body == b"GET /warm 0"
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire)
     before = fwd.fast_requests
     body = bytes(range(256)) * 400  # 100 KiB: it comes in several reads
     await wire.send(request("/p1") + request("/p2") + request("/p3", method="POST", body=body)
@@ -665,11 +664,7 @@ async def test_pipelined_mix_of_fast_and_body_requests_answered_in_order(
 
 async def test_pipelined_gets_then_a_half_close_are_all_answered_then_closed(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
-    backend = await raw(echo)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
-    assert (await wire.ask(request("/warm"))).body == b"GET /warm 0"
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire)
     before = fwd.fast_requests
     await wire.send(request("/h1") + request("/h2") + request("/h3"))
     wire.writer.write_eof()  # the client is done sending: answer what came, then close
@@ -683,11 +678,7 @@ async def test_pipelined_gets_then_a_half_close_are_all_answered_then_closed(
 
 async def test_connection_close_and_http10_keepalive_in_the_fast_lane(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
-    backend = await raw(echo)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
-    assert (await wire.ask(request("/warm"))).body == b"GET /warm 0"
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire)
     # HTTP/1.0 asking for keep-alive: told it is kept, and it is.
     await wire.send(request("/ten", "Connection: keep-alive", version="1.0"))
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: keep-alive\r\n\r\nGET /ten 0"
@@ -748,10 +739,7 @@ async def test_many_clients_share_a_small_connection_pool_through_the_fast_lane(
 
 async def test_long_pipeline_stays_in_the_fast_lane_and_in_order(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
-    backend = await raw(echo)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, echo, None)
     assert (await wire.ask(request("/warm"))).status == 200
     before = fwd.fast_requests
     await wire.send(b"".join(request(f"/n{i}") for i in range(100)))
@@ -772,11 +760,7 @@ async def test_keepalive_race_under_pipelining_keeps_the_order(
         ask.writer.write(response(200, ask.target.encode()))
         return True
 
-    backend = await raw(one_per_connection)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
-    assert (await wire.ask(request("/warm"))).body == b"/warm"
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, one_per_connection, b"/warm")
     await wire.send(b"".join(request(f"/q{i}") for i in range(4)))
     replies = [await wire.reply() for _ in range(4)]
     assert [(r.status, r.body) for r in replies] == [(200, f"/q{i}".encode()) for i in range(4)]
@@ -799,10 +783,7 @@ async def test_interim_responses_before_a_fast_lane_answer_are_not_forwarded(
         ask.writer.write(response(200, b"final", "X-Kind: final"))
         return True
 
-    backend = await raw(hints)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, hints, None)
     assert (await wire.ask(request("/warm"))).status == 200
     await wire.send(request("/hinted"))
     answer = b"HTTP/1.1 200 OK\r\nX-Kind: final\r\nContent-Length: 5\r\n\r\nfinal"
@@ -830,10 +811,7 @@ async def test_client_gone_while_its_fast_lane_request_is_in_flight(
         ask.writer.write(response(200, b"L" * size))
         return True
 
-    backend = await raw(late)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, late, None)
     assert (await wire.ask(request("/warm"))).status == 200
     before = fwd.fast_requests
     await wire.send(request("/late"))
@@ -860,14 +838,6 @@ async def test_client_gone_while_its_fast_lane_request_is_in_flight(
 
 
 # --- 9. access log and metrics --------------------------------------------------------------
-
-
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 async def test_access_log_and_metrics_see_fast_lane_requests(
@@ -908,7 +878,7 @@ async def test_access_log_and_metrics_see_fast_lane_requests(
     assert '"GET /hang HTTP/1.1" 504 ' in lines[4]
     for field in ("pool=test", "member=m", "attempts=1", "route_reason=timeout"):
         assert field in lines[4], (field, lines[4])
-    s = _samples(metrics.render().decode())
+    s = metric_samples(metrics.render().decode())
 
     def v(name: str, **labels: str) -> float:
         return s[(name, tuple(sorted(labels.items())))]
@@ -1034,10 +1004,7 @@ async def test_shutdown_waits_for_a_fast_lane_request_in_flight(
             await asyncio.wait_for(gate.wait(), IO)
         return await echo(ask)
 
-    backend = await raw(held)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, held, None)
     assert (await wire.ask(request("/warm"))).status == 200
     await wire.send(request("/inflight"))
     await wait_for(lambda: len(backend.seen) == 2)
@@ -1090,10 +1057,7 @@ async def test_101_without_a_handshake_in_the_fast_lane_is_a_502(
                          b"Connection: Upgrade\r\n\r\nraw bytes")
         return True
 
-    backend = await raw(upgrades)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, upgrades, None)
     assert (await wire.ask(request("/warm"))).status == 200
     reply = await wire.ask(request("/up"))
     assert reply.status == 502 and b"without completing a WebSocket handshake" in reply.body
@@ -1163,10 +1127,7 @@ async def test_member_that_closes_after_its_answer_is_not_reused(
                                   *(["Connection: close"] if last else [])))
         return not last
 
-    backend = await raw(two_per_connection)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, two_per_connection, None)
     replies = [await wire.ask(request(f"/r{i}")) for i in range(6)]
     assert [(r.status, r.body) for r in replies] == [(200, f"/r{i} on {i // 2 + 1}".encode())
                                                      for i in range(6)]
@@ -1179,10 +1140,7 @@ async def test_member_that_closes_after_its_answer_is_not_reused(
 
 async def test_bodiless_post_delete_and_options_take_the_fast_lane(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
-    backend = await raw(echo)
-    proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m"}]))
-    fwd = proxy.server.forwarder
-    wire = await open_wire(proxy)
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, echo, None)
     assert (await wire.ask(request("/warm"))).status == 200
     asks = [request("/p", "Content-Length: 0", method="POST"), request("/d", method="DELETE"),
             request("/o", method="OPTIONS"), request("/p2", method="POST")]
