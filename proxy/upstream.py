@@ -73,6 +73,13 @@ class Listener(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a member, serving one request at a time."""
 
+    # Thousands of these can sit idle in the pools: no per-instance dict.
+    __slots__ = ("_tell", "buffered", "chunks", "closed", "complete", "counted", "drain_waiter",
+                 "error", "expires", "head_bytes", "head_done", "head_only", "head_received",
+                 "headers", "idle_since", "keep_alive", "keepalive_timeout", "listener", "loop",
+                 "parser", "pool", "reading_paused", "reason", "received_any", "requests",
+                 "reused", "status", "transport", "upgraded", "waiter", "write_paused")
+
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.loop = pool.loop
