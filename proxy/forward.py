@@ -856,8 +856,7 @@ class _Exchange:
     def upstream_ready(self) -> None:
         conn = self.conn
         if conn.head_done:
-            self.conn.listener = None
-            self.forwarder._waiting.discard(self)
+            self._stop_waiting()
             fwd = self.forwarder
             try:
                 response = fwd._answered(self.head, self.route, self.member, self.conns, conn,
@@ -874,16 +873,18 @@ class _Exchange:
                                           {"pool": self.route.pool.spec.name, "reason": "error"})
             self.sink.respond(fwd._observed(self.head, response, self.started))
         elif conn.error is not None:
-            self.conn.listener = None
-            self.forwarder._waiting.discard(self)
+            self._stop_waiting()
             self._failed(conn.error)
 
     def timed_out(self) -> None:
-        self.conn.listener = None
-        self.forwarder._waiting.discard(self)
+        self._stop_waiting()
         self._failed(UpstreamTimeout(
             f"backend did not answer within {self.member.spec.timeout:g}s while waiting for "
             "the response head"))
+
+    def _stop_waiting(self) -> None:
+        self.conn.listener = None
+        self.forwarder._waiting.discard(self)
 
     def _failed(self, exc: UpstreamError) -> None:
         fwd, head = self.forwarder, self.head

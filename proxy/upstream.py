@@ -323,8 +323,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The next decoded body chunk, b"" at the end."""
         while True:
             if self.chunks:
-                chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self._take_all())
-                self.buffered -= len(chunk)
+                chunk = self.take_body()  # all that is buffered, as one chunk
                 if self.reading_paused and self.buffered < LOW_WATER and self.transport is not None:
                     self.reading_paused = False
                     self.transport.resume_reading()
@@ -336,7 +335,7 @@ class UpstreamConnection(asyncio.Protocol):
             await self._wait_data(timeout, "reading the response body")
 
     def take_body(self) -> bytes:
-        """All of a complete response's body at once (nothing is awaited)."""
+        """All the body buffered so far, at once (for a complete response: the whole body)."""
         chunks = self.chunks
         body = chunks.popleft() if len(chunks) == 1 else b"".join(self._take_all())
         self.buffered = 0

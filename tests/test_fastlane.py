@@ -821,7 +821,8 @@ async def test_client_gone_while_its_fast_lane_request_is_in_flight(
         wire.reset()
     else:
         wire.close()
-    await asyncio.sleep(0.05)  # the proxy sees the client go first
+    # The proxy sees the client go first.
+    await wait_for(lambda: all(c._lost or c._eof for c in proxy.server.server.connections))
     gate.set()
     member = proxy.member("m")
     await wait_for(lambda: member.busy == 0)
@@ -1010,7 +1011,7 @@ async def test_shutdown_waits_for_a_fast_lane_request_in_flight(
     await wait_for(lambda: len(backend.seen) == 2)
     assert fwd.fast_requests == 1
     closing = asyncio.create_task(proxy.server.close())
-    await asyncio.sleep(0.05)
+    await wait_for(lambda: proxy.server.server.closing)
     assert not closing.done()  # waiting for the request in flight
     gate.set()
     reply = await wire.reply()
