@@ -463,7 +463,9 @@ def balancerpool(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int
     if ctx.frontend is not None:
         argv += ["--frontend", ctx.frontend]
     if proxy_has_admin_option(launcher, ctx.env):
-        argv += ["--admin", "off"]  # no admin listener: a fixed port, and not what is measured
+        # The admin listener as by default, so /metrics counts every request (HAProxy keeps its
+        # stats too); on a free port rather than the default 9090.
+        argv += ["--admin", f"127.0.0.1:{free_port()}"]
     log = ctx.tmp / "balancerpool.log"
     with started([*ctx.pin.proxy, *argv], log, ctx.env) as proc:
         wait_ready(proc, port, log, "balancerpool")

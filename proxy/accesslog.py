@@ -59,8 +59,8 @@ def record(head: RequestHead, status: int, sent: int, started: float, info: dict
         "member": info.get("member", "-"),
         "attempts": info.get("attempts", 0),
         "route_reason": str(info.get("route_reason", info.get("reason", "-"))),
-        "connect_ms": info.get("connect_ms", "-"),
-        "response_ms": info.get("response_ms", "-"),
+        "connect_ms": _ms(info.get("connect_ms")),
+        "response_ms": _ms(info.get("response_ms")),
     }
     entry.update(info.get("balancer", {}))
     if _FORMAT["plain"]:
@@ -72,6 +72,10 @@ def record(head: RequestHead, status: int, sent: int, started: float, info: dict
         line = json.dumps(entry, separators=(",", ":"))
     logger.info("%s", line)
     return entry
+
+
+def _ms(value: object) -> object:
+    return round(value, 3) if isinstance(value, float) else "-" if value is None else value
 
 
 _COMBINED = frozenset({"client", "time", "method", "path", "protocol", "status", "bytes", "referer",

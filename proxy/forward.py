@@ -622,8 +622,8 @@ class Forwarder:
         info["route_reason"] = reason
         # connect: getting a connection (pooled or new); response: sending the request until
         # the response head arrived.
-        info["connect_ms"] = round((acquired - attempt_started) * 1000, 3)
-        info["response_ms"] = round((clock() - acquired) * 1000, 3)
+        info["connect_ms"] = (acquired - attempt_started) * 1000  # rounded where logged
+        info["response_ms"] = (clock() - acquired) * 1000
         return response
 
     def _session(self, head: RequestHead, pool: Pool
@@ -692,18 +692,20 @@ class Forwarder:
             headers.append(("Set-Cookie", set_cookie(sc.cookie, value)))
 
     @staticmethod
-    def _fixed_headers(head: RequestHead, body: Body, drop: frozenset[str]) -> str:
-        """The request fields that do not depend on the member chosen."""
-        lines, websocket = request_fields(head.headers, drop, head.client, head.host)
-        lines.append(f"X-Forwarded-Proto: {head.scheme}")
-        if websocket and head.method == "GET":
-            lines.append("Upgrade: websocket")
-            lines.append("Connection: Upgrade")
-        if body.length is None:
-            lines.append("Transfer-Encoding: chunked")
-        elif body.length or head.method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {body.length}")
-        return "\r\n".join(lines) + "\r\n"
+    def _fixed_headers(head: RequestHead, body: Body, drop: frozenset[str]) -> bytes:
+        """The request fields that do not depend on the member chosen, from the client
+        connection's memo when its last request had the same."""
+        memo = head.memo
+        length = body.length
+        if memo is not None:
+            if (memo.headers is head.headers and memo.drop is drop and memo.host == head.host
+                    and memo.method == head.method and memo.length == length):
+                return memo.block
+            block = _fixed_block(head, length, drop)
+            memo.headers, memo.drop, memo.host, memo.method = head.headers, drop, head.host, head.method
+            memo.length, memo.block = length, block
+            return block
+        return _fixed_block(head, length, drop)
 
     @staticmethod
     async def _send_body(conn: UpstreamConnection, body: Body, member: MemberState,
@@ -811,11 +813,26 @@ class Forwarder:
                               extra=[("Retry-After", "1")])
 
 
-def _request_head(head: RequestHead, route: _Route, m: MemberSpec, target: str, fixed: str,
+def _fixed_block(head: RequestHead, length: int | None, drop: frozenset[str]) -> bytes:
+    lines, websocket = request_fields(head.headers, drop, head.client, head.host)
+    lines.append(f"X-Forwarded-Proto: {head.scheme}")
+    if websocket and head.method == "GET":
+        lines.append("Upgrade: websocket")
+        lines.append("Connection: Upgrade")
+    if length is None:
+        lines.append("Transfer-Encoding: chunked")
+    elif length or head.method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+def _request_head(head: RequestHead, route: _Route, m: MemberSpec, target: str, fixed: bytes,
                   extra: str = "") -> bytes:
     host = head.host if route.spec.preserve_host else m.authority
-    return (f"{head.method} {m.base_path}{target} HTTP/1.1\r\nHost: {host}\r\n"
-            f"{fixed}{extra}\r\n").encode("latin-1")
+    start = f"{head.method} {m.base_path}{target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")
+    if extra:
+        return b"".join((start, fixed, extra.encode("latin-1"), b"\r\n"))
+    return b"".join((start, fixed, b"\r\n"))
 
 
 @dataclass(slots=True)

@@ -53,7 +53,7 @@ from .hardening import (
     check_transfer_encoding,
     split_target,
 )
-from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response, Sink
+from .messages import EMPTY_BODY, Body, ClientStream, FieldsMemo, RequestHead, Response, Sink
 from .upstream import UpstreamError
 
 log = logging.getLogger("balancerpool.proxy")
@@ -257,7 +257,13 @@ class HttpConnection(asyncio.Protocol):
         self._flush_queued = False
         # The request being parsed.
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
+        #: The fields as parsed; the last request's, raw and decoded: a keep-alive client sends
+        #: the same fields again and again, and then gets the same (never mutated) list.
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._last_raw: list[tuple[bytes, bytes]] | None = None
+        self._last_headers: list[tuple[str, str]] = []
+        #: The core's memo of this connection's forwarded fields.
+        self._memo = FieldsMemo()
         self._host: str | None = None
         #: The last Host value that passed the head checks (most requests repeat it).
         self._checked_host: str | None = None
@@ -420,7 +426,7 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._url = b""
-        self._headers = []
+        self._raw = []
         self._fields_size = 0
         self._head_size = -1  # began in this feed: data_received counts from the next one
         self._framing = 0
@@ -442,9 +448,9 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # a trailer field: not forwarded (its bytes are bounded in data_received)
-        headers = self._headers
+        raw = self._raw
         limits = self._limits
-        if len(headers) >= limits.max_headers:
+        if len(raw) >= limits.max_headers:
             raise BadRequest(400, f"more than {limits.max_headers} header fields")
         size = len(name)
         if size + len(value) + 2 > limits.max_header_size:
@@ -452,26 +458,24 @@ class HttpConnection(asyncio.Protocol):
         self._fields_size += size + len(value) + 4
         if self._fields_size > limits.max_header_section:
             raise BadRequest(431, f"request header section over {limits.max_header_section} bytes")
-        n = name.decode("latin-1")
-        v = value.decode("latin-1")
-        headers.append((n, v))
+        raw.append((name, value))
         if size == 4:
-            if n.lower() == "host":
+            if name.lower() == b"host":
                 if self._host is not None:
                     raise BadRequest(400, "more than one Host header field")
-                self._host = v
+                self._host = value.decode("latin-1")
         elif size == 14:
-            if n.lower() == "content-length":
-                self._length = int(v)  # llhttp has checked the digits and refused duplicates
+            if name.lower() == b"content-length":
+                self._length = int(value)  # llhttp has checked the digits and refused duplicates
         elif size == 17:
-            if n.lower() == "transfer-encoding":
+            if name.lower() == b"transfer-encoding":
                 # llhttp finds a bad one only where the body starts, after the head went out.
-                check_transfer_encoding(v)
+                check_transfer_encoding(value.decode("latin-1"))
                 self._chunked = True
         elif size == 6:
-            if n.lower() == "expect" and v.strip().lower() == "100-continue":
+            if name.lower() == b"expect" and value.strip().lower() == b"100-continue":
                 self._expect = True
-        elif size == 7 and n.lower() == "upgrade":
+        elif size == 7 and name.lower() == b"upgrade":
             self._upgrade = True
 
     def on_headers_complete(self) -> None:
@@ -515,7 +519,14 @@ class HttpConnection(asyncio.Protocol):
             body = RequestBody(self, self._length, self._expect)
         else:
             body = EMPTY_BODY
-        head = RequestHead(method, path, query, version, self._headers, host, self._client)
+        raw = self._raw
+        if raw == self._last_raw:
+            headers = self._last_headers
+        else:
+            headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
+            self._last_raw, self._last_headers = raw, headers
+        head = RequestHead(method, path, query, version, headers, host, self._client,
+                           memo=self._memo)
         if self._upgrade:
             self._upgrade_head = head
             keep_alive = self._upgrade_request(body, keep_alive)
@@ -759,7 +770,7 @@ class HttpConnection(asyncio.Protocol):
             framing += "Connection: close\r\n"
         elif http10:
             framing += "Connection: keep-alive\r\n"
-        fields = "".join([f"{n}: {v}\r\n" for n, v in response.headers])
+        fields = _field_lines(response.headers)
         reason = response.reason or _PHRASES.get(status, "")
         text = f"HTTP/1.1 {status} {reason}\r\n{fields}{framing}\r\n"
         try:
@@ -777,7 +788,7 @@ class HttpConnection(asyncio.Protocol):
                         response.info.get("pool"), response.info.get("member"))
             self._abort()
             return False
-        fields = "".join([f"{n}: {v}\r\n" for n, v in response.headers])
+        fields = _field_lines(response.headers)
         self._transport.write(
             f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}\r\n{fields}\r\n"
             .encode("latin-1"))
@@ -1093,6 +1104,11 @@ class HttpConnection(asyncio.Protocol):
 
 
 _TIMED_OUT: Any = object()
+
+
+def _field_lines(headers: list[tuple[str, str]]) -> str:
+    """``Name: value`` lines, each ended by CRLF (joined in C: no Python frame per field)."""
+    return "\r\n".join(map(": ".join, headers)) + "\r\n" if headers else ""
 
 
 async def _ready(response: Response) -> Response:

@@ -24,6 +24,24 @@ class RequestHead:
     host: str
     client: str
     scheme: str = "http"
+    #: The client connection's memo of forwarded fields (None: nothing to remember them in).
+    memo: FieldsMemo | None = field(default=None, compare=False, repr=False)
+
+
+class FieldsMemo:
+    """The request fields last forwarded for one client connection, kept by the core: a
+    keep-alive client sends the same fields request after request, and its front end then
+    hands over the same ``headers`` list, so the forwarded block is built once."""
+
+    __slots__ = ("block", "drop", "headers", "host", "length", "method")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[str, str]] | None = None
+        self.drop: frozenset[str] | None = None
+        self.host = ""
+        self.method = ""
+        self.length: int | None = 0
+        self.block = b""
 
 
 class Body(Protocol):

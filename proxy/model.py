@@ -124,10 +124,14 @@ class MemberSpec:
     pool: ConnectionPoolSpec = ConnectionPoolSpec()
     #: Weight ramp after the member becomes usable again (HAProxy ``slowstart``); 0 = none.
     slowstart: float = 0.0
+    #: ``host:port`` (IPv6 in brackets), the Host field toward the member: computed once, as
+    #: it goes out with every request.
+    authority: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def authority(self) -> str:
-        return f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+    def __post_init__(self) -> None:
+        host = self.host
+        object.__setattr__(self, "authority",
+                           f"{host}:{self.port}" if ":" not in host else f"[{host}]:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

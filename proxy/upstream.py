@@ -237,8 +237,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        self.head_bytes += len(name) + len(value) + 4
-        if len(name) == 10 and name.lower() == b"keep-alive":
+        size = len(name)
+        self.head_bytes += size + len(value) + 4
+        if size == 10 and name.lower() == b"keep-alive":
             self.keepalive_timeout = keepalive_timeout(value)
 
     def on_headers_complete(self) -> None:

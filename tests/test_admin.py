@@ -671,6 +671,46 @@ def test_metrics_observe_counts_local_answers_and_incomplete_bodies() -> None:
     assert s[("balancerpool_responses_incomplete_total", (("member", "x"), ("pool", "p")))] == 1
 
 
+def test_metrics_latency_histogram_matches_prometheus_client() -> None:
+    """The per-request counters are plain numbers turned into families at scrape time: their
+    exposition must be what prometheus_client's own Histogram and Counter give for the same
+    observations (the oracle), across buckets, +Inf, _count and _sum."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    durations = [0.0004, 0.0017, 0.0017, 0.004, 0.03, 0.7, 3.0, 45.0, 75.0]
+    statuses = [200, 201, 302, 404, 500, 503, 101, 200, 200]
+    registry = CollectorRegistry()
+    oracle = Histogram("balancerpool_request_duration_seconds", "d", ["pool", "member"],
+                       buckets=metrics_module.LATENCY_BUCKETS, registry=registry)
+    codes = Counter("balancerpool_requests", "r", ["pool", "member", "code"], registry=registry)
+    loop = asyncio.new_event_loop()
+    try:
+        m = metrics_module.ProxyMetrics(Forwarder(loop))
+        for seconds, status in zip(durations, statuses, strict=True):
+            # observe() measures from ``started``: microseconds pass, far from any bucket bound.
+            m.observe(status, time.monotonic() - seconds, {"pool": "p", "member": "a"}, True)
+            oracle.labels("p", "a").observe(seconds)
+            codes.labels("p", "a", f"{status // 100}xx").inc()
+        ours = metric_samples(m.render().decode())
+    finally:
+        loop.close()
+    expected = metric_samples(generate_latest(registry).decode())
+    compared = 0
+    for key, value in expected.items():
+        if key[0].endswith("_created"):
+            continue
+        if key[0].endswith("_sum"):
+            assert ours[key] == pytest.approx(value, abs=0.01)
+        else:
+            assert ours[key] == value, key
+        compared += 1
+    assert compared == len(metrics_module.LATENCY_BUCKETS) + 1 + 2 + 5  # buckets, +Inf, count, sum, codes
+    assert ours[("balancerpool_request_duration_seconds_bucket",
+                 (("le", "0.0025"), ("member", "a"), ("pool", "p")))] == 3
+
+
 def test_yaml_is_safe_for_names() -> None:
     # Member names and routes that YAML would read as other types survive the round trip.
     text = yaml.safe_dump(pool_doc([{"url": "http://127.0.0.1:1", "name": "yes", "route": "123"},

@@ -401,6 +401,47 @@ async def test_keepalive_gets_take_the_fast_lane_and_answer_as_the_ordinary_path
     assert fwd.fast_requests == 5
 
 
+async def test_forwarded_fields_follow_each_request_on_a_keepalive_connection(
+        raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
+    """A keep-alive client's forwarded fields are built once and remembered for its connection
+    (FieldsMemo): a request whose fields, Host or method differ must never get the last one's."""
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire)
+    asks = [
+        request("/1", "X-A: one", "Accept: */*"),
+        request("/2", "X-A: one", "Accept: */*"),  # the same fields: from the memo
+        request("/3", "X-A: two", "Accept: */*"),  # one value differs
+        request("/4", "X-A: two", "Accept: */*"),
+        request("/5", "Accept: */*", "X-A: two"),  # the same fields in another order
+        request("/6", "X-A: two", "Accept: */*").replace(b"front.test", b"other.test"),
+        request("/7", "X-A: two", "Accept: */*", method="DELETE"),
+        request("/8", "X-A: two", "Accept: */*", method="POST"),  # bodiless: Content-Length: 0
+        request("/9", "X-A: two", "Accept: */*", "X-Forwarded-For: 10.0.0.1"),
+        request("/10", "X-A: two", "Accept: */*"),
+    ]
+    for ask in asks:
+        assert (await wire.ask(ask)).status == 200
+    assert fwd.fast_requests == len(asks)
+    seen = backend.seen[1:]
+    assert [a.target for a in seen] == [f"/{i}" for i in range(1, 11)]
+    assert [a.headers.get("x-a") for a in seen] == ["one", "one", *["two"] * 8]
+    assert [a.headers["x-forwarded-host"] for a in seen] == \
+        [*["front.test"] * 5, "other.test", *["front.test"] * 4]
+    assert [a.method for a in seen][5:8] == ["GET", "DELETE", "POST"]
+    assert [a.headers.get("content-length") for a in seen][6:9] == [None, "0", None]
+    assert [a.headers["x-forwarded-for"] for a in seen][7:] == \
+        ["127.0.0.1", "10.0.0.1, 127.0.0.1", "127.0.0.1"]
+    # HTTP/1.0 without Host: the same fields, and the host from each absolute-form target.
+    for host in ("one.test", "two.test"):
+        head = f"GET http://{host}/h HTTP/1.0\r\nConnection: keep-alive\r\nX-A: two\r\n\r\n"
+        assert (await wire.ask(head.encode())).status == 200
+    assert [a.headers["x-forwarded-host"] for a in backend.seen[-2:]] == ["one.test", "two.test"]
+    # Another client connection with other fields gets its own.
+    other = await open_wire(proxy)
+    assert (await other.ask(request("/11", "X-A: three"))).status == 200
+    assert (await wire.ask(asks[0])).status == 200
+    assert [a.headers.get("x-a") for a in backend.seen[-2:]] == ["three", "one"]
+
+
 # --- 2. HEAD, 204 and 304 ------------------------------------------------------------------
 
 BODILESS: list[tuple[bytes, bytes]] = [
@@ -877,6 +918,13 @@ async def test_access_log_and_metrics_see_fast_lane_requests(
                       "route_reason=new-session"):
             assert field in line, (field, line)
     assert '"GET /hang HTTP/1.1" 504 ' in lines[4]
+    # Timings: milliseconds, rounded to the microsecond where logged.
+    for line in lines[:4]:
+        timings = dict(f.split("=", 1) for f in line.split() if f.startswith(("connect_ms=",
+                                                                              "response_ms=")))
+        assert set(timings) == {"connect_ms", "response_ms"}, line
+        for value in timings.values():
+            assert 0 <= float(value) < 10_000 and len(value.partition(".")[2]) <= 3, line
     for field in ("pool=test", "member=m", "attempts=1", "route_reason=timeout"):
         assert field in lines[4], (field, lines[4])
     s = metric_samples(metrics.render().decode())
