@@ -14,10 +14,11 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import accesslog
+from .agen import counting, member_chunks
 from .hardening import BadRequest
 from .headers import (
     OWN_REQUEST_FIELDS,
@@ -248,6 +249,9 @@ class Forwarder:
         self.wallclock = wallclock
         #: Per-request Prometheus metrics, when the admin listener turned them on.
         self.metrics: ProxyMetrics | None = None
+        #: What ``metrics.enable`` made for this forwarder (a compiled class takes no weak
+        #: references, so the metrics module keeps it here rather than in a WeakKeyDictionary).
+        self.metrics_made: ProxyMetrics | None = None
         self.pools: dict[str, Pool] = {}
         self.router = Router([])
         self._maintainer: asyncio.Task[None] | None = None
@@ -349,11 +353,7 @@ class Forwarder:
         if response.body is not None:
             sent[0] = len(response.body)  # written as it is; chunks() is not what counts
         else:
-            async def counted() -> AsyncIterator[bytes]:
-                async for chunk in chunks():
-                    sent[0] += len(chunk)
-                    yield chunk
-            response.chunks = counted
+            response.chunks = counting(chunks, sent)
 
         def logged(ok: bool) -> None:
             finish(ok)
@@ -504,15 +504,15 @@ class Forwarder:
             attempt_started = clock()
             try:
                 conn = await conns.acquire()
-            except PoolExhausted as exc:
-                failures.append(f"{member.name}: {exc}")
+            except PoolExhausted as exhausted:  # mypyc: one type per `except ... as` name
+                failures.append(f"{member.name}: {exhausted}")
                 tried.append(member)
                 if len(tried) > spec.maxattempts:
                     return self._unavailable(spec, failures, len(tried))
                 continue
-            except ConnectFailed as exc:
-                pool.member_error(member, clock(), "connect-error", str(exc))
-                failures.append(f"{member.name}: {exc}")
+            except ConnectFailed as refused:
+                pool.member_error(member, clock(), "connect-error", str(refused))
+                failures.append(f"{member.name}: {refused}")
                 tried.append(member)
                 if len(tried) > spec.maxattempts:
                     return self._unavailable(spec, failures, len(tried))
@@ -772,15 +772,8 @@ class Forwarder:
                             0 if bodiless and head.method != "HEAD" else length, finish=finish,
                             info=info, body=body)
 
-        async def chunks() -> AsyncIterator[bytes]:
-            while True:
-                chunk = await conn.read_body(timeout)
-                if not chunk:
-                    return
-                member.read += len(chunk)
-                yield chunk
-
-        return Response(status, reason.decode("latin-1") or "", out, length, chunks, finish, info)
+        return Response(status, reason.decode("latin-1") or "", out, length,
+                        member_chunks(conn, member, timeout), finish, info)
 
     def _tunnel(self, pool: Pool, member: MemberState, conns: ConnectionPool,
                 conn: UpstreamConnection, reason: bytes, headers: list[tuple[str, str]],

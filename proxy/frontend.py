@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from .hardening import (
     DEFAULT_LIMITS,
@@ -85,6 +86,7 @@ _V11 = _VERSIONS["1.1"]
 _METHODS: dict[bytes, str] = {}
 
 
+@mypyc_attr(native_class=False)
 class ClientGone(ConnectionResetError):
     """The client closed the connection (or half-closed it in the middle of a request body)."""
 
@@ -500,7 +502,7 @@ class HttpConnection(asyncio.Protocol):
         host = self._host
         if url[:1] == "/":
             path, _, query = url.partition("?")
-            if (version is not _V11 or host is None or host != self._checked_host or self._chunked
+            if (version != _V11 or host is None or host != self._checked_host or self._chunked
                     or method == "CONNECT"):
                 check_head(method, version, url, host, None, self._chunked)
                 self._checked_host = host
@@ -687,11 +689,11 @@ class HttpConnection(asyncio.Protocol):
                     self._wrong_length(response, sent)
                     return False
             ok = True
-        except UpstreamError as exc:
+        except UpstreamError as error:  # mypyc: one type per `except ... as` name
             # The head is out (or promised): all that is left is to cut the client connection,
             # so that it sees a truncated response rather than a complete-looking one.
             log.warning("pool %s: member %s failed mid-response: %s",
-                        response.info.get("pool"), response.info.get("member"), exc)
+                        response.info.get("pool"), response.info.get("member"), error)
             self._abort()
             return False
         except ConnectionError:

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .agen import no_chunks, one_chunk
+
 
 @dataclass(slots=True)
 class RequestHead:
@@ -77,11 +79,6 @@ class EmptyBody:
 EMPTY_BODY = EmptyBody()
 
 
-async def _no_chunks() -> AsyncIterator[bytes]:
-    return
-    yield b""  # pragma: no cover - makes this an async generator
-
-
 @dataclass(slots=True)
 class Response:
     """A response to write: a head, then ``chunks()``; ``finish(ok)`` must always be called last."""
@@ -91,7 +88,7 @@ class Response:
     headers: list[tuple[str, str]]
     #: Content-Length to announce, or None to let the front end frame it (chunked).
     length: int | None
-    chunks: Callable[[], AsyncIterator[bytes]] = _no_chunks
+    chunks: Callable[[], AsyncIterator[bytes]] = no_chunks
     finish: Callable[[bool], None] = field(default=lambda ok: None)
     #: Facts for the access log and metrics: pool, member, attempts, ...
     info: dict[str, object] = field(default_factory=dict)
@@ -119,10 +116,7 @@ def local_response(status: int, reason: str, text: str, info: dict[str, object] 
     """A response the proxy answers itself (404, 502, 503, 504 ...) with a plain-text reason."""
     body = (text.rstrip("\n") + "\n").encode()
 
-    async def chunks() -> AsyncIterator[bytes]:
-        yield body
-
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "no-store")]
     if extra:
         headers.extend(extra)
-    return Response(status, reason, headers, len(body), chunks, info=info or {}, body=body)
+    return Response(status, reason, headers, len(body), one_chunk(body), info=info or {}, body=body)

@@ -96,20 +96,17 @@ class ProxyMetrics:
         return generate_latest(self.registry)
 
 
-_by_forwarder: weakref.WeakKeyDictionary[Forwarder, ProxyMetrics] = weakref.WeakKeyDictionary()
-
-
 def enable(forwarder: Forwarder) -> ProxyMetrics:
     """The forwarder's metrics, created on first use (idempotent)."""
-    metrics = _by_forwarder.get(forwarder)
+    metrics = forwarder.metrics_made
     if metrics is None:
-        metrics = _by_forwarder[forwarder] = ProxyMetrics(forwarder)
+        metrics = forwarder.metrics_made = ProxyMetrics(forwarder)
     return metrics
 
 
 def get(forwarder: Forwarder) -> ProxyMetrics | None:
     """The forwarder's metrics when :func:`enable` was called, else None."""
-    return _by_forwarder.get(forwarder)
+    return forwarder.metrics_made
 
 
 class RequestCounts:
@@ -179,16 +176,15 @@ class StateCollector(Collector):
     """Reads the live state of every pool at scrape time."""
 
     def __init__(self, forwarder: Forwarder) -> None:
-        self.forwarder = weakref.ref(forwarder)
+        # A plain reference: a class compiled with mypyc (Forwarder) cannot be weakly referenced.
+        # The forwarder holds its metrics: a cycle the GC collects.
+        self.forwarder = forwarder
 
     def describe(self) -> list[Metric]:
         return []  # the families depend on the pools in force: nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
-        forwarder = self.forwarder()
-        if forwarder is None:
-            return
-        yield from _collect(forwarder)
+        yield from _collect(self.forwarder)
 
 
 def _collect(forwarder: Forwarder) -> Iterator[Metric]:

@@ -74,7 +74,9 @@ HISTORY = 32
 
 #: A heap entry: (key, position in the candidate list, sequence number, member). The sequence
 #: number keeps two entries of one member apart without ever comparing members.
-Entry = tuple[Any, int, int, "MemberState"]
+#: Typed as a variable-length tuple on purpose: mypyc keeps a fixed-length tuple type unboxed
+#: and boxes a new object at each store, which breaks the ``m._entry is entry`` tests.
+Entry = tuple[Any, ...]
 _SEQUENCE = itertools.count()
 #: No member excluded (never appended to).
 _NOTHING: list[MemberState] = []
@@ -87,10 +89,35 @@ class MemberState:
     lbfactor; the traffic counters in bytraffic pools, see _TrafficMemberState) are properties: a
     write, from anywhere, keeps the pool's structures exact."""
 
-    __slots__ = ("_busy", "_entry", "_error_duration", "_error_time", "_flags", "_heap", "_lb", "_lbf",
-                 "_lbfactor", "_lbk", "_pool", "_pos", "_slowstart", "_usable_since", "_watch",
-                 "elected", "errors", "history", "index", "lbset", "name", "on_change", "read",
-                 "retries", "route", "spec", "transferred")
+    __slots__ = (
+        "_busy",
+        "_entry",
+        "_error_duration",
+        "_error_time",
+        "_flags",
+        "_heap",
+        "_lb",
+        "_lbf",
+        "_lbfactor",
+        "_lbk",
+        "_pool",
+        "_pos",
+        "_read",
+        "_sent",
+        "_slowstart",
+        "_usable_since",
+        "_watch",
+        "elected",
+        "errors",
+        "history",
+        "index",
+        "lbset",
+        "name",
+        "on_change",
+        "retries",
+        "route",
+        "spec",
+    )
 
     def __init__(self, spec: MemberSpec, index: int, now: float) -> None:
         #: The pool whose structures index this member (set by PoolState), and which changes of
@@ -111,9 +138,9 @@ class MemberState:
         self._lbf = 0
         self._busy = 0
         self.elected = 0
-        #: Bytes sent to and received from the member.
-        self.transferred = 0
-        self.read = 0
+        # Bytes sent to and received from the member (transferred, read).
+        self._sent = 0
+        self._read = 0
         self.errors = 0
         self.retries = 0
         # A member configured in E starts its `retry` wait now.
@@ -132,6 +159,27 @@ class MemberState:
         self._heap: _Heap | None = None
 
     # --- indexed fields ---------------------------------------------------------------------
+
+    # Properties here too, not plain attributes that _TrafficMemberState's properties shadow:
+    # code compiled with mypyc reads and writes a plain attribute of a native class in place,
+    # past any property a subclass puts over it.
+    @property
+    def transferred(self) -> int:
+        """Bytes sent to the member."""
+        return self._sent
+
+    @transferred.setter
+    def transferred(self, value: int) -> None:
+        self._sent = value
+
+    @property
+    def read(self) -> int:
+        """Bytes received from the member."""
+        return self._read
+
+    @read.setter
+    def read(self, value: int) -> None:
+        self._read = value
 
     @property
     def flags(self) -> int:
@@ -297,7 +345,7 @@ class _TrafficMemberState(MemberState):
     """A member of a bytraffic pool: its traffic counters are properties, so that the pool
     re-keys it when they move. (Other pools keep them plain: they are written per chunk.)"""
 
-    __slots__ = ("_read", "_sent")
+    __slots__ = ()
 
     @property
     def transferred(self) -> int:
@@ -336,7 +384,7 @@ class _Heap:
 
     def fill(self, members: Iterable[MemberState], key: Callable[[MemberState], Any]) -> None:
         for m in members:
-            entry = (key(m), m._pos, next(_SEQUENCE), m)
+            entry: Entry = (key(m), m._pos, next(_SEQUENCE), m)
             m._entry, m._heap = entry, self
             self.entries.append(entry)
         self.live = len(self.entries)
@@ -347,7 +395,7 @@ class _Heap:
         if len(entries) > 2 * self.live + 16:
             entries[:] = [e for e in entries if e[3]._entry is e]
             heapify(entries)
-        entry = (key, member._pos, next(_SEQUENCE), member)
+        entry: Entry = (key, member._pos, next(_SEQUENCE), member)
         member._entry, member._heap = entry, self
         self.live += 1
         heappush(entries, entry)
@@ -361,14 +409,15 @@ class _Heap:
         entries = self.entries
         while entries:
             entry = entries[0]
-            if entry[3]._entry is entry:
+            member: MemberState = entry[3]
+            if member._entry is entry:
                 return entry
             heappop(entries)
         return None
 
     def replace_top(self, member: MemberState, key: Any) -> None:
         """Re-key the member whose entry ``top()`` just returned."""
-        entry = (key, member._pos, next(_SEQUENCE), member)
+        entry: Entry = (key, member._pos, next(_SEQUENCE), member)
         member._entry = entry
         heapreplace(self.entries, entry)
 
@@ -752,7 +801,7 @@ class PoolState:
         entries = heap.entries
         while entries:
             entry = entries[0]
-            m = entry[3]
+            m: MemberState = entry[3]
             if m._entry is not entry:
                 heappop(entries)
             elif self._by_busy and m._busy != heap.level:
@@ -888,7 +937,7 @@ class PoolState:
         assert best is not None
         best._lb -= total
         if best_heap is not None:
-            entry = (-best._lb, best._pos, next(_SEQUENCE), best)
+            entry: Entry = (-best._lb, best._pos, next(_SEQUENCE), best)
             best._entry = entry
             heapreplace(best_heap.entries, entry)
         for x in skip:

@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httptools
 
@@ -38,7 +38,8 @@ MAX_RESPONSE_FIELDS = 256
 class UpstreamError(Exception):
     """A failure talking to a member. ``sent`` tells whether any request byte left the proxy."""
 
-    kind = "error"
+    # ClassVar: mypyc drops plain class-level defaults of compiled Exception subclasses.
+    kind: ClassVar[str] = "error"
 
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
@@ -46,23 +47,23 @@ class UpstreamError(Exception):
 
 
 class ConnectFailed(UpstreamError):
-    kind = "connect"
+    kind: ClassVar[str] = "connect"
 
 
 class PoolExhausted(UpstreamError):
-    kind = "acquire"
+    kind: ClassVar[str] = "acquire"
 
 
 class UpstreamClosed(UpstreamError):
-    kind = "closed"
+    kind: ClassVar[str] = "closed"
 
 
 class UpstreamTimeout(UpstreamError):
-    kind = "timeout"
+    kind: ClassVar[str] = "timeout"
 
 
 class UpstreamProtocolError(UpstreamError):
-    kind = "protocol"
+    kind: ClassVar[str] = "protocol"
 
 
 class Listener(Protocol):
@@ -408,7 +409,8 @@ class UpstreamConnection(asyncio.Protocol):
         finally:
             self.waiter = None
 
-    async def _wait(self, fut: asyncio.Future[None], timeout: float, doing: str) -> None:
+    async def _wait(self, fut: asyncio.Future[Any], timeout: float, doing: str) -> None:
+        # Future[Any]: _expire puts _TIMED_OUT in it, which compiled code would reject as None.
         handle = self.loop.call_later(timeout, _expire, fut) if timeout > 0 else None
         try:
             await fut
