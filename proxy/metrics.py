@@ -11,7 +11,6 @@ around any ``handle``), in plain numbers that a second collector turns into fami
 from __future__ import annotations
 
 import time
-import weakref
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -127,15 +126,13 @@ class RequestCollector(Collector):
     """The per-request counters, as the families they always were."""
 
     def __init__(self, metrics: ProxyMetrics) -> None:
-        self.metrics = weakref.ref(metrics)
+        self.metrics = metrics  # its registry holds this collector: a cycle the GC collects
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        metrics = self.metrics()
-        if metrics is None:
-            return
+        metrics = self.metrics
         m = ["pool", "member"]
         requests = CounterMetricFamily(
             "balancerpool_requests", "Requests answered, by pool, member and status class "

@@ -86,8 +86,8 @@ class MemberState:
     """A member's live scheduling state: httpd's ``proxy_worker_shared`` counters and flags.
 
     The fields the scheduler indexes (flags, busy, lbstatus, the error clock, slowstart start,
-    lbfactor; the traffic counters in bytraffic pools, see _TrafficMemberState) are properties: a
-    write, from anywhere, keeps the pool's structures exact."""
+    lbfactor, the traffic counters) are properties: a write, from anywhere, keeps the pool's
+    structures exact."""
 
     __slots__ = (
         "_busy",
@@ -160,26 +160,27 @@ class MemberState:
 
     # --- indexed fields ---------------------------------------------------------------------
 
-    # Properties here too, not plain attributes that _TrafficMemberState's properties shadow:
-    # code compiled with mypyc reads and writes a plain attribute of a native class in place,
-    # past any property a subclass puts over it.
     @property
     def transferred(self) -> int:
-        """Bytes sent to the member."""
+        """Bytes sent to the member; a bytraffic pool re-keys the member when they move."""
         return self._sent
 
     @transferred.setter
     def transferred(self, value: int) -> None:
         self._sent = value
+        if self._watch & WATCH_TRAFFIC:
+            self._pool._dirty.add(self)  # type: ignore[union-attr]
 
     @property
     def read(self) -> int:
-        """Bytes received from the member."""
+        """Bytes received from the member (response bodies)."""
         return self._read
 
     @read.setter
     def read(self, value: int) -> None:
         self._read = value
+        if self._watch & WATCH_TRAFFIC:
+            self._pool._dirty.add(self)  # type: ignore[union-attr]
 
     @property
     def flags(self) -> int:
@@ -341,33 +342,6 @@ class MemberState:
             self.error_duration = old.error_duration
 
 
-class _TrafficMemberState(MemberState):
-    """A member of a bytraffic pool: its traffic counters are properties, so that the pool
-    re-keys it when they move. (Other pools keep them plain: they are written per chunk.)"""
-
-    __slots__ = ()
-
-    @property
-    def transferred(self) -> int:
-        return self._sent
-
-    @transferred.setter
-    def transferred(self, value: int) -> None:
-        self._sent = value
-        if self._watch & WATCH_TRAFFIC:
-            self._pool._dirty.add(self)  # type: ignore[union-attr]
-
-    @property
-    def read(self) -> int:
-        return self._read
-
-    @read.setter
-    def read(self, value: int) -> None:
-        self._read = value
-        if self._watch & WATCH_TRAFFIC:
-            self._pool._dirty.add(self)  # type: ignore[union-attr]
-
-
 class _Heap:
     """A min-heap of entries in which a member's latest entry supersedes its earlier ones:
     re-keying a member is one push, and superseded entries are dropped when they surface (or
@@ -434,8 +408,7 @@ class PoolState:
     def __init__(self, spec: BalancerPool, previous: PoolState | None = None, now: float = 0.0) -> None:
         self.spec = spec
         self.lbmethod = spec.lbmethod
-        member_type = _TrafficMemberState if spec.lbmethod is LBMethod.BYTRAFFIC else MemberState
-        self.members = [member_type(m, i, now) for i, m in enumerate(spec.members)]
+        self.members = [MemberState(m, i, now) for i, m in enumerate(spec.members)]
         self.by_name = {m.name: m for m in self.members}
         self.by_route = {m.route: m for m in self.members if m.route is not None}
         sets = sorted({m.lbset for m in self.members})
