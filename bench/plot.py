@@ -3,11 +3,12 @@
     python bench/run.py --sweep 1,10,50,100,200,400 --duration 5 --json bench/results/sweep.json
     python bench/plot.py bench/results/sweep.json -o docs/performance-sweep.png
 
-Two panels, one line per proxy (balancerpool, haproxy, nginx), log x axis; with --direct, the `direct`
-row (load generator straight at a backend, no proxy) is added as a grey dashed reference. Rows that
-were skipped or had errors are left out, with a warning; points that bench/run.py flagged as measured
-on a busy machine (other processes or steal above its thresholds) get a hollow marker. Needs matplotlib
-(`pip install matplotlib`, or the `bench` extra); it draws with the Agg backend, no display needed.
+Two panels, one line per proxy (balancerpool, balancerpool-mypyc, haproxy, nginx), log x axis; with
+--direct, the `direct` row (load generator straight at a backend, no proxy) is added as a grey dashed
+reference. Rows that were skipped or had errors are left out, with a warning; points that bench/run.py
+flagged as measured on a busy machine (other processes or steal above its thresholds) get a hollow
+marker. Needs matplotlib (`pip install matplotlib`, or the `bench` extra); it draws with the Agg
+backend, no display needed.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ from typing import Any
 #: Line order and colours; anything else in the file is drawn after these in matplotlib's colours.
 STYLES: dict[str, dict[str, Any]] = {
     "balancerpool": {"color": "#d62728", "marker": "o", "linewidth": 2.2},
+    "balancerpool-mypyc": {"color": "#ff7f0e", "marker": "D", "linewidth": 2.2},
     "haproxy": {"color": "#1f77b4", "marker": "s"},
     "nginx": {"color": "#2ca02c", "marker": "^"},
     "direct": {"color": "#7f7f7f", "marker": ".", "linestyle": "--", "linewidth": 1.0},
 }
-LABELS = {"direct": "direct (no proxy: load-side ceiling)"}
+LABELS = {
+    "balancerpool-mypyc": "balancerpool, compiled with mypyc",
+    "direct": "direct (no proxy: load-side ceiling)",
+}
 
 
 def pyplot() -> Any:

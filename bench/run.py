@@ -46,9 +46,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SOURCE_PACKAGES = ("proxy", "examples", "operator")
 #: The performance issue's goals, checked after every run: (ratio, comparison, bound).
 GOALS = (
-    ("rps_balancerpool/haproxy", ">=", 0.8),
-    ("rps_balancerpool/nginx", ">", 1.0),
-    ("p99_balancerpool/haproxy", "<=", 2.0),
+    ("rps/haproxy", ">=", 0.8),
+    ("rps/nginx", ">", 1.0),
+    ("p99/haproxy", "<=", 2.0),
 )
 #: The p99 goal is stated at this many connections.
 P99_GOAL_CONNECTIONS = 50
@@ -446,9 +446,44 @@ def proxy_has_admin_option(launcher: list[str], env: dict[str, str] | None) -> b
     return "--admin" in usage
 
 
+def mypyc_env(ctx: Ctx) -> dict[str, str]:
+    """An environment importing this checkout built with mypyc (setup.py, BALANCERPOOL_MYPYC=1).
+
+    Built once per bench run into scratch space: a wheel, unpacked to a PYTHONPATH directory that
+    comes before the editable install. Skip when mypyc or a C compiler is missing.
+    """
+    root = ctx.tmp / "mypyc"
+    if not (root / "balancerpool").is_dir():
+        log = ctx.tmp / "mypyc-build.log"
+        wheels = ctx.tmp / "wheel"
+        build_env = {**os.environ, "BALANCERPOOL_MYPYC": "1"}
+        print("  building with mypyc (about a minute) ...", flush=True)
+        with log.open("wb") as out:
+
+            def pip(*argv: str) -> None:
+                done = subprocess.run(
+                    [sys.executable, "-m", "pip", "-q", *argv],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO_DIR,
+                    env=build_env,
+                )
+                if done.returncode != 0:
+                    raise Skip(f"the mypyc build failed (needs mypy, wheel and a C compiler):\n{tail(log)}")
+
+            pip("wheel", "--no-build-isolation", "--no-deps", "-w", str(wheels), str(REPO_DIR))
+            pip("install", "--no-deps", "--target", str(root), *map(str, wheels.glob("balancerpool-*.whl")))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    return env
+
+
 @contextlib.contextmanager
-def balancerpool(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int]]:
-    launcher = proxy_launcher(ctx.env)
+def balancerpool(
+    ctx: Ctx, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes] | None, int]]:
+    env = env or ctx.env
+    launcher = proxy_launcher(env)
     port = free_port()
     members = "".join(
         f"  - url: http://127.0.0.1:{backend}\n    route: b{i}\n"
@@ -462,14 +497,28 @@ def balancerpool(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int
     argv = [sys.executable, *launcher, "proxy", str(pool), "--listen", f"127.0.0.1:{port}"]
     if ctx.frontend is not None:
         argv += ["--frontend", ctx.frontend]
-    if proxy_has_admin_option(launcher, ctx.env):
+    if proxy_has_admin_option(launcher, env):
         # The admin listener as by default, so /metrics counts every request (HAProxy keeps its
         # stats too); on a free port rather than the default 9090.
         argv += ["--admin", f"127.0.0.1:{free_port()}"]
     log = ctx.tmp / "balancerpool.log"
-    with started([*ctx.pin.proxy, *argv], log, ctx.env) as proc:
+    with started([*ctx.pin.proxy, *argv], log, env) as proc:
         wait_ready(proc, port, log, "balancerpool")
         yield proc, port
+
+
+@contextlib.contextmanager
+def balancerpool_mypyc(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int]]:
+    """The same proxy with its request path compiled by mypyc (docs/performance.md)."""
+    env = mypyc_env(ctx)
+    probe = "import balancerpool.proxy.frontend as m; print(m.__file__)"
+    where = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    if not where.endswith(".so"):
+        raise Skip(f"the mypyc build did not load compiled: frontend from {where or '?'}")
+    with balancerpool(ctx, env) as started_proxy:
+        yield started_proxy
 
 
 @contextlib.contextmanager
@@ -537,6 +586,7 @@ def nginx_proxy(ctx: Ctx) -> Iterator[tuple[subprocess.Popen[bytes] | None, int]
 TARGETS: dict[str, Target] = {
     "direct": direct,
     "balancerpool": balancerpool,
+    "balancerpool-mypyc": balancerpool_mypyc,
     "haproxy": haproxy,
     "nginx": nginx_proxy,
 }
@@ -750,8 +800,8 @@ SYSCALLS = (
 #: Which profilers apply to which targets: py-spy reads Python stacks, perf works on any process.
 PROFILERS = {
     "py-spy": ("balancerpool",),
-    "perf": ("balancerpool", "haproxy", "nginx"),
-    "syscalls": ("balancerpool", "haproxy", "nginx"),
+    "perf": ("balancerpool", "balancerpool-mypyc", "haproxy", "nginx"),
+    "syscalls": ("balancerpool", "balancerpool-mypyc", "haproxy", "nginx"),
 }
 
 
@@ -1005,56 +1055,75 @@ def noise(row: Row) -> str:
 
 
 HEADER = (
-    f"{'name':<14}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}"
+    f"{'name':<20}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'RSS MiB':>9}"
     f"{'CPU us/req':>11}{'sys %':>7}{'CPU busy':>9}"
 )
 
 
 def table_line(row: Row) -> str:
     if row.skipped:
-        return f"{row.name:<14}{fmt(row.connections, '6d')}  skipped: {row.skipped.splitlines()[0]}"
+        return f"{row.name:<20}{fmt(row.connections, '6d')}  skipped: {row.skipped.splitlines()[0]}"
     sys_pct = None if row.cpu_sys_share is None else 100 * row.cpu_sys_share
     return (
-        f"{row.name:<14}{fmt(row.connections, '6d')}{fmt(row.rps, '10.0f')}{fmt(row.p50_ms, '9.3f')}"
+        f"{row.name:<20}{fmt(row.connections, '6d')}{fmt(row.rps, '10.0f')}{fmt(row.p50_ms, '9.3f')}"
         f"{fmt(row.p99_ms, '9.3f')}{fmt(row.rss_mib, '9.1f')}{fmt(row.cpu_us_per_req, '11.1f')}"
         f"{fmt(sys_pct, '7.0f')}{fmt(row.cpu_busy, '9.2f')}"
     )
 
 
-def ratios_at(rows: list[Row], connections: int) -> dict[str, float | None]:
-    """balancerpool over HAProxy and nginx at one connection count: req/s, p99 and CPU per request."""
+#: Rows of balancerpool itself, each set against HAProxy and nginx: the interpreted build first.
+OURS = ("balancerpool", "balancerpool-mypyc")
+#: Each build's ratios: what over which other, from which row attribute.
+RATIOS = tuple(
+    (f"{key}/{other}", other, attr)
+    for other in ("haproxy", "nginx")
+    for key, attr in (("rps", "rps"), ("p99", "p99_ms"), ("cpu", "cpu_us_per_req"))
+)
+
+
+def ratios_at(rows: list[Row], connections: int) -> dict[str, dict[str, float | None]]:
+    """Each build of balancerpool measured, over HAProxy and nginx at one connection count: req/s, p99
+    and CPU per request, as {build: {"rps/haproxy": ratio, ...}}. The interpreted build is always
+    there (its ratios None when not measured)."""
     by_name = {row.name: row for row in rows if row.connections == connections and not row.skipped}
-    ours = by_name.get("balancerpool")
-    ratios: dict[str, float | None] = {}
-    for other in ("haproxy", "nginx"):
-        theirs = by_name.get(other)
-        for key, attr in (("rps", "rps"), ("p99", "p99_ms"), ("cpu", "cpu_us_per_req")):
-            ratios[f"{key}_balancerpool/{other}"] = (
-                ratio(getattr(ours, attr), getattr(theirs, attr)) if ours and theirs else None
-            )
+    measured = {row.name for row in rows}
+    ratios: dict[str, dict[str, float | None]] = {}
+    for name in OURS:
+        if name in measured or name == OURS[0]:
+            ours = by_name.get(name)
+            ratios[name] = {
+                key: ratio(getattr(ours, attr), getattr(theirs, attr)) if ours and theirs else None
+                for key, other, attr in RATIOS
+                for theirs in [by_name.get(other)]
+            }
     return ratios
 
 
-def goal_lines(ratios: dict[str, float | None], connections: int) -> list[str]:
-    """The performance issue's goals against one set of ratios: met, not met, or not measured."""
+def goal_lines(ratios: dict[str, dict[str, float | None]], connections: int) -> list[str]:
+    """The performance issue's goals against one set of ratios, for each build of balancerpool
+    measured: met, not met, or not measured."""
     lines = []
-    for key, op, bound in GOALS:
-        value = ratios.get(key)
-        if value is None:
-            verdict = "not measured"
-        else:
-            met = {">=": value >= bound, ">": value > bound, "<=": value <= bound}[op]
-            verdict = "met" if met else "NOT MET"
-        note = (
-            f"  (the goal is stated at {P99_GOAL_CONNECTIONS} connections)"
-            if key.startswith("p99") and connections != P99_GOAL_CONNECTIONS
-            else ""
-        )
-        lines.append(f"  {key:<26}{op:>3} {bound:<5}{fmt(value, '7.2f')}  {verdict}{note}")
+    for name, values in ratios.items():
+        for key, op, bound in GOALS:
+            value = values.get(key)
+            if value is None:
+                verdict = "not measured"
+            else:
+                met = {">=": value >= bound, ">": value > bound, "<=": value <= bound}[op]
+                verdict = "met" if met else "NOT MET"
+            note = (
+                f"  (the goal is stated at {P99_GOAL_CONNECTIONS} connections)"
+                if key.startswith("p99") and connections != P99_GOAL_CONNECTIONS
+                else ""
+            )
+            lines.append(f"  {name:<20}{key:<14}{op:>3} {bound:<5}{fmt(value, '7.2f')}  {verdict}{note}")
     return lines
 
 
-def report(rows: list[Row], connections: list[int]) -> dict[int, dict[str, float | None]]:
+Ratios = dict[int, dict[str, dict[str, float | None]]]
+
+
+def report(rows: list[Row], connections: list[int]) -> Ratios:
     """Print the table, the ratios and the goals; return the ratios per connection count."""
     print(f"\n{HEADER}")
     previous = None
@@ -1067,10 +1136,11 @@ def report(rows: list[Row], connections: list[int]) -> dict[int, dict[str, float
             if problem:
                 print(f"{'':<20}!! {problem}")
     ratios = {count: ratios_at(rows, count) for count in connections}
-    keys = list(next(iter(ratios.values())))
-    print(f"\n{'conns':>6}" + "".join(f"{key.replace('_balancerpool', ''):>15}" for key in keys))
-    for count, values in ratios.items():
-        print(f"{count:>6}" + "".join(fmt(values[key], "15.2f") for key in keys))
+    keys = [key for key, _, _ in RATIOS]
+    print(f"\n{'conns':>6}  {'build':<20}" + "".join(f"{key:>13}" for key in keys))
+    for count, builds in ratios.items():
+        for name, values in builds.items():
+            print(f"{count:>6}  {name:<20}" + "".join(fmt(values[key], "13.2f") for key in keys))
     print(
         "(balancerpool / other. req/s: higher is better; p99 and CPU per request: lower is better;"
         " 1.0 = parity)"
@@ -1085,7 +1155,7 @@ def report(rows: list[Row], connections: list[int]) -> dict[int, dict[str, float
     return ratios
 
 
-def markdown(rows: list[Row], ratios: dict[int, dict[str, float | None]]) -> str:
+def markdown(rows: list[Row], ratios: Ratios) -> str:
     """The table and the ratios as Markdown, for docs/performance.md."""
 
     def cell(value: float | None, spec: str) -> str:
@@ -1106,14 +1176,12 @@ def markdown(rows: list[Row], ratios: dict[int, dict[str, float | None]]) -> str
             f"{cell(row.p50_ms, '.3f')} | {cell(row.p99_ms, '.3f')} | {cell(row.rss_mib, '.1f')} | "
             f"{cell(row.cpu_us_per_req, '.1f')} | {cell(sys_pct, '.0f')} | {cell(row.cpu_busy, '.2f')} |"
         )
-    keys = list(next(iter(ratios.values())))
-    lines += [
-        "",
-        "| conns | " + " | ".join(key.replace("_balancerpool", "") for key in keys) + " |",
-        "|--:|" + "--:|" * len(keys),
-    ]
-    for count, values in ratios.items():
-        lines.append(f"| {count} | " + " | ".join(cell(values[key], ".2f") for key in keys) + " |")
+    keys = [key for key, _, _ in RATIOS]
+    lines += ["", "| conns | build | " + " | ".join(keys) + " |", "|--:|---|" + "--:|" * len(keys)]
+    for count, builds in ratios.items():
+        for name, values in builds.items():
+            cells = " | ".join(cell(values[key], ".2f") for key in keys)
+            lines.append(f"| {count} | {name} | {cells} |")
     return "\n".join(lines)
 
 
