@@ -29,6 +29,7 @@ COMPILED = (
     "sticky",
     "hashing",
     "keys",
+    "metrics",
 )
 
 

@@ -2,6 +2,7 @@
 
     python bench/hotpath.py                 # fast lane and ordinary path, 50,000 requests each
     python bench/hotpath.py --profile       # plus a cProfile of the fast lane (top functions)
+    python bench/hotpath.py --metrics       # requests counted for /metrics, as by default deployed
 
 bench/run.py measures the whole process under load, where the kernel's loopback TCP (about a
 third of the time) and the event loop blur what the Python code costs. This drives the real
@@ -28,6 +29,7 @@ import sys
 import time
 from typing import Any
 
+from balancerpool.proxy import metrics
 from balancerpool.proxy.forward import Forwarder
 from balancerpool.proxy.frontend import HttpServer
 from balancerpool.proxy.model import parse_pools
@@ -87,10 +89,12 @@ class Transport:
     abort = write_eof = close
 
 
-async def run(requests: int, fast: bool, profile: bool) -> tuple[float, str]:
+async def run(requests: int, fast: bool, profile: bool, counted: bool) -> tuple[float, str]:
     loop = asyncio.get_running_loop()
     forwarder = Forwarder(loop)
     forwarder.fast_lane = fast
+    if counted:  # as `balancerpool proxy` with its admin listener on
+        forwarder.metrics = metrics.enable(forwarder)
     forwarder.apply(parse_pools(POOL))
     server = HttpServer(forwarder.handle, fast=forwarder.fast, loop=loop)
     client = server()
@@ -147,6 +151,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=50_000)
     parser.add_argument("--profile", action="store_true", help="cProfile the fast lane as well")
+    parser.add_argument(
+        "--metrics", action="store_true", help="count requests for /metrics (the admin listener's default)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
@@ -154,11 +161,11 @@ def main() -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
     for fast in (True, False):
-        best = min(runner(run(args.requests, fast, False))[0] for _ in range(3))
+        best = min(runner(run(args.requests, fast, False, args.metrics))[0] for _ in range(3))
         print(f"{'fast lane' if fast else 'ordinary path':14} {best:6.2f} µs CPU per request "
               f"(best of 3 x {args.requests:,})")
     if args.profile:
-        print(runner(run(args.requests, True, True))[1])
+        print(runner(run(args.requests, True, True, args.metrics))[1])
     return 0
 
 

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from . import accesslog
 from .agen import counting, member_chunks
@@ -69,10 +70,10 @@ from .upstream import (
 log = logging.getLogger("balancerpool.proxy")
 
 #: Methods that RFC 9110 §9.2.2 calls idempotent: safe to re-send when no response came back.
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-REQUEST_DROP = OWN_REQUEST_FIELDS | {"x-forwarded-for", "x-forwarded-host"}
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+REQUEST_DROP: Final = OWN_REQUEST_FIELDS | {"x-forwarded-for", "x-forwarded-host"}
 #: httpd's six variables and the header names that carry them when exported.
-VARIABLE_HEADERS = {
+VARIABLE_HEADERS: Final = {
     "BALANCER_SESSION_STICKY": "X-Balancer-Session-Sticky",
     "BALANCER_SESSION_ROUTE": "X-Balancer-Session-Route",
     "BALANCER_NAME": "X-Balancer-Name",
@@ -80,11 +81,11 @@ VARIABLE_HEADERS = {
     "BALANCER_WORKER_ROUTE": "X-Balancer-Worker-Route",
     "BALANCER_ROUTE_CHANGED": "X-Balancer-Route-Changed",
 }
-_VARIABLE_FIELDS = frozenset(h.lower() for h in VARIABLE_HEADERS.values())
+_VARIABLE_FIELDS: Final = frozenset({h.lower() for h in VARIABLE_HEADERS.values()})
 #: How often fast-lane requests are checked against their member's ``timeout``: a timeout
 #: fires up to this much late.
-DEADLINE_SWEEP = 0.05
-_REASONS = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+DEADLINE_SWEEP: Final = 0.05
+_REASONS: Final = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 class Pool:
@@ -977,7 +978,7 @@ def _accepts_websocket(head: RequestHead, headers: list[tuple[bytes, bytes]]) ->
     return upgrade and accept
 
 
-_WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_WS_GUID: Final = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def is_websocket_upgrade(head: RequestHead) -> bool:
@@ -995,7 +996,7 @@ def is_websocket_upgrade(head: RequestHead) -> bool:
 
 
 #: A WebSocket close frame from the server (unmasked), status 1001 Going Away.
-GOING_AWAY = b"\x88\x02\x03\xe9"
+GOING_AWAY: Final = b"\x88\x02\x03\xe9"
 
 
 class Tunnel:

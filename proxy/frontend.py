@@ -40,7 +40,7 @@ import http
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 from mypy_extensions import mypyc_attr
@@ -64,26 +64,26 @@ Handler = Callable[[RequestHead, Body], Awaitable[Response]]
 FastLane = Callable[[RequestHead, Sink], bool]
 
 #: Request body bytes buffered before the client socket stops being read, and where it resumes.
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 #: Response bytes buffered in the transport before the writer waits for it to drain.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 #: Response bytes gathered before they are written even though more may follow at once.
-FLUSH_SIZE = 64 * 1024
+FLUSH_SIZE: Final = 64 * 1024
 #: Up to this size, gathered pieces are joined into one buffer for the write.
-JOIN_SIZE = 4096
+JOIN_SIZE: Final = 4096
 #: At most this much of an unread request body is read and thrown away to keep the connection.
-DISCARD_MAX = 64 * 1024
+DISCARD_MAX: Final = 64 * 1024
 #: How long a closing connection keeps reading (and dropping) what the client still sends.
-LINGER_TIMEOUT = 2.0
-SHUTDOWN_GRACE = 5.0
+LINGER_TIMEOUT: Final = 2.0
+SHUTDOWN_GRACE: Final = 5.0
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_PHRASES = {s.value: s.phrase for s in http.HTTPStatus}
-_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-_V11 = _VERSIONS["1.1"]
-_METHODS: dict[bytes, str] = {}
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PHRASES: Final = {s.value: s.phrase for s in http.HTTPStatus}
+_VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
+_V11: Final = _VERSIONS["1.1"]
+_METHODS: Final[dict[bytes, str]] = {}
 
 
 @mypyc_attr(native_class=False)
@@ -1105,7 +1105,7 @@ class HttpConnection(asyncio.Protocol):
             self._transport.close()
 
 
-_TIMED_OUT: Any = object()
+_TIMED_OUT: Final[Any] = object()
 
 
 def _field_lines(headers: list[tuple[str, str]]) -> str:

@@ -4,23 +4,24 @@ path mapping and ``ProxyPassReverse``-style rewriting of redirects."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 # RFC 9110 §7.6.1 plus the historical Proxy-Connection and Keep-Alive.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
 #: Fields the proxy writes itself toward the backend.
-OWN_REQUEST_FIELDS = frozenset({"host", "content-length", "expect", "x-forwarded-proto"})
-REVERSE_FIELDS = frozenset({"location", "content-location", "uri"})
+OWN_REQUEST_FIELDS: Final = frozenset({"host", "content-length", "expect", "x-forwarded-proto"})
+REVERSE_FIELDS: Final = frozenset({"location", "content-location", "uri"})
 
 
 #: What a response head loses on its way to the client: the proxy frames the body itself.
-_RESPONSE_DROP = frozenset(n.encode() for n in HOP_BY_HOP | {"content-length"})
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
-_REVERSE_BYTES = frozenset(n.encode() for n in REVERSE_FIELDS)
+_RESPONSE_DROP: Final = frozenset({n.encode() for n in HOP_BY_HOP | {"content-length"}})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
+_REVERSE_BYTES: Final = frozenset({n.encode() for n in REVERSE_FIELDS})
 #: What a request head loses besides a pool's own list: the forwarding fields are rewritten.
-_REQUEST_DROP = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-host"}
+_REQUEST_DROP: Final = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-host"}
 
 
 def _tokens(value: str, listed: set[str] | None) -> set[str]:

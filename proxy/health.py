@@ -6,10 +6,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Final
 
 from .model import HealthExpect, OutlierDetectionSpec, RetryBudgetSpec
 
-BODY_LIMIT = 64 * 1024
+BODY_LIMIT: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)

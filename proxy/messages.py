@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from .agen import no_chunks, one_chunk
 
 
 @dataclass(slots=True)
 class RequestHead:
+    """One request's head, as parsed. ``__init__`` is written out (dataclass keeps it): compiled
+    with mypyc, a generated one would stay interpreted Python on every request."""
+
     method: str
     path: str
     query: str
@@ -28,6 +31,19 @@ class RequestHead:
     scheme: str = "http"
     #: The client connection's memo of forwarded fields (None: nothing to remember them in).
     memo: FieldsMemo | None = field(default=None, compare=False, repr=False)
+
+    def __init__(self, method: str, path: str, query: str, version: tuple[int, int],
+                 headers: list[tuple[str, str]], host: str, client: str, scheme: str = "http",
+                 memo: FieldsMemo | None = None) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.client = client
+        self.scheme = scheme
+        self.memo = memo
 
 
 class FieldsMemo:
@@ -76,12 +92,17 @@ class EmptyBody:
         return b""
 
 
-EMPTY_BODY = EmptyBody()
+EMPTY_BODY: Final = EmptyBody()
+
+
+def _no_finish(ok: bool) -> None:
+    pass
 
 
 @dataclass(slots=True)
 class Response:
-    """A response to write: a head, then ``chunks()``; ``finish(ok)`` must always be called last."""
+    """A response to write: a head, then ``chunks()``; ``finish(ok)`` must always be called last.
+    ``__init__`` is written out, as for :class:`RequestHead`."""
 
     status: int
     reason: str
@@ -89,7 +110,7 @@ class Response:
     #: Content-Length to announce, or None to let the front end frame it (chunked).
     length: int | None
     chunks: Callable[[], AsyncIterator[bytes]] = no_chunks
-    finish: Callable[[bool], None] = field(default=lambda ok: None)
+    finish: Callable[[bool], None] = _no_finish
     #: Facts for the access log and metrics: pool, member, attempts, ...
     info: dict[str, object] = field(default_factory=dict)
     #: For a 101 response: run with the client's stream once the head is written; the tunnel
@@ -98,6 +119,21 @@ class Response:
     #: The whole body when it is already at hand (a small response, a local one): then it is
     #: written at once and ``chunks`` is not used.
     body: bytes | None = None
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], length: int | None,
+                 chunks: Callable[[], AsyncIterator[bytes]] = no_chunks,
+                 finish: Callable[[bool], None] = _no_finish, info: dict[str, object] | None = None,
+                 upgrade: Callable[[ClientStream], Awaitable[None]] | None = None,
+                 body: bytes | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length = length
+        self.chunks = chunks
+        self.finish = finish
+        self.info = {} if info is None else info
+        self.upgrade = upgrade
+        self.body = body
 
 
 class Sink(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -25,13 +25,14 @@ from .scheduling import FLAG_BITS
 if TYPE_CHECKING:
     from .forward import Forwarder
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds: from 1 ms (a pooled connection to a near backend) to a minute (httpd's timeout).
+#: Not Final: compiled, a Final tuple of floats is never set for the module's own use below.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0)
-_CLASS_NAMES = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
-_CLASS_INDEX = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}
-_BUCKET_LABELS = (*(repr(b) for b in LATENCY_BUCKETS), "+Inf")  # as prometheus_client writes le
+_CLASS_NAMES: Final = ("other", "1xx", "2xx", "3xx", "4xx", "5xx")
+_CLASS_INDEX: Final = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}
+_BUCKET_LABELS: Final = (*(repr(b) for b in LATENCY_BUCKETS), "+Inf")  # as prometheus_client writes le
 
 
 class ProxyMetrics:

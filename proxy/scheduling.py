@@ -27,20 +27,30 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from heapq import heapify, heappop, heappush, heapreplace
-from typing import Any
+from typing import Any, Final
 
 from .hashing import Maglev, Ring, hash64
 from .model import BalancerPool, HashAlgorithm, LBMethod, MemberSpec
 from .sticky import Reason
 
 # Status flags as bits, so that a usability test is one AND on the hot path.
-FLAG_BITS = {"D": 1, "S": 2, "I": 4, "H": 8, "R": 16, "E": 32, "N": 64, "C": 128}
-D, S, I, H, R, E, N, C = (FLAG_BITS[f] for f in "DSIHRENC")  # noqa: E741
-UNUSABLE = D | S | E | C
+# Final: compiled with mypyc, these are constants in the code rather than module lookups.
+D: Final = 1
+S: Final = 2
+I: Final = 4  # noqa: E741
+H: Final = 8
+R: Final = 16
+E: Final = 32
+N: Final = 64
+C: Final = 128
+FLAG_BITS: Final = {"D": D, "S": S, "I": I, "H": H, "R": R, "E": E, "N": N, "C": C}
+UNUSABLE: Final = D | S | E | C
 
 # What a member reports to its pool's scheduling structures when it changes (MemberState._watch).
-WATCH_BUSY, WATCH_TRAFFIC, WATCH_LB = 1, 2, 4
-INF = float("inf")
+WATCH_BUSY: Final = 1
+WATCH_TRAFFIC: Final = 2
+WATCH_LB: Final = 4
+INF: Final = float("inf")
 #: byrequests, bybusyness and bytraffic walk candidate sets up to this size (as httpd does, on
 #: the cached set) instead of keeping heaps: below it the walk costs less.
 SCAN_MAX = 8

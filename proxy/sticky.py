@@ -18,12 +18,13 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 # A route taken from a request must have the model's route syntax; anything else is hostile or
 # broken and is never looked up, logged raw or echoed.
 from .model import ROUTE_RE, CookieSpec, StickySession
 
-MAX_VALUE = 4096
+MAX_VALUE: Final = 4096
 
 
 class Reason(enum.StrEnum):
@@ -50,7 +51,7 @@ class SessionRoute:
     malformed: bool = False
 
 
-NO_ROUTE = SessionRoute(None, None)
+NO_ROUTE: Final = SessionRoute(None, None)
 
 
 def cookie_value(cookie_headers: Iterable[str], name: str) -> str | None:
@@ -164,7 +165,7 @@ class SignedSession:
     last_seen: int
 
 
-_SIG_BYTES = 16
+_SIG_BYTES: Final = 16
 
 
 def _b64(data: bytes) -> str:

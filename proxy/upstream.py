@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 import httptools
 
@@ -25,14 +25,14 @@ from .model import MemberSpec
 log = logging.getLogger("balancerpool.proxy")
 
 #: Response bytes buffered before the backend socket stops being read (backpressure).
-HIGH_WATER = 256 * 1024
-LOW_WATER = 64 * 1024
+HIGH_WATER: Final = 256 * 1024
+LOW_WATER: Final = 64 * 1024
 #: Transport write buffer size above which the request body writer waits.
-WRITE_HIGH_WATER = 256 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
 #: A response head larger than this, or with more fields, is refused: a broken or hostile backend
 #: must not make the proxy buffer without bound.
-MAX_RESPONSE_HEAD = 64 * 1024
-MAX_RESPONSE_FIELDS = 256
+MAX_RESPONSE_HEAD: Final = 64 * 1024
+MAX_RESPONSE_FIELDS: Final = 256
 
 
 class UpstreamError(Exception):
@@ -421,8 +421,8 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamTimeout(f"backend did not answer within {timeout:g}s while {doing}")
 
 
-_TIMED_OUT: Any = object()
-_LOCAL_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_TIMED_OUT: Final[Any] = object()
+_LOCAL_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def _expire(fut: asyncio.Future[Any]) -> None:
