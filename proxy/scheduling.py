@@ -52,7 +52,8 @@ WATCH_TRAFFIC: Final = 2
 WATCH_LB: Final = 4
 INF: Final = float("inf")
 #: byrequests, bybusyness and bytraffic walk candidate sets up to this size (as httpd does, on
-#: the cached set) instead of keeping heaps: below it the walk costs less.
+#: the cached set) instead of keeping heaps: below it the walk costs less. Not Final: tests
+#: patch it, and compiled code would not see a patched Final.
 SCAN_MAX = 8
 
 
