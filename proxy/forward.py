@@ -456,7 +456,7 @@ class Forwarder:
         body_started = False
         # May this request go out again after its bytes did? Its method must allow it, and its
         # body must still be at hand: buffered, when small enough (retryBufferSize).
-        method_ok = head.method in IDEMPOTENT or _non_idempotent_ok(head, spec)
+        method_ok = _method_resendable(head, spec)
         buffered: bytes | None = None
         if has_body and method_ok and body.length is not None and body.length <= spec.retry_buffer:
             buffered = await _read_all(body)
@@ -903,7 +903,7 @@ class _Exchange:
         resume = _Resume(None)
         response = fwd._failed(pool, self.member, self.conns, self.conn, exc, resume.tried,
                                resume.failures, rewind=True,
-                               resendable=head.method in IDEMPOTENT or _non_idempotent_ok(head, pool.spec))
+                               resendable=_method_resendable(head, pool.spec))
         if response is None:
             self.sink.respond_later(fwd.handle(head, EMPTY_BODY, resume))
         else:
@@ -937,7 +937,10 @@ def _hash_key(head: RequestHead, spec: BalancerPool) -> str | None:
     return next((v for n, v in head.headers if n.lower() == low), None)
 
 
-def _non_idempotent_ok(head: RequestHead, spec: BalancerPool) -> bool:
+def _method_resendable(head: RequestHead, spec: BalancerPool) -> bool:
+    """Whether the request's method (or the pool's policy for the others) lets it go out again."""
+    if head.method in IDEMPOTENT:
+        return True
     policy = spec.retry_non_idempotent
     if policy is RetryNonIdempotent.ALWAYS:
         return True
