@@ -3,6 +3,7 @@
     python bench/hotpath.py                 # fast lane and ordinary path, 50,000 requests each
     python bench/hotpath.py --profile       # plus a cProfile of the fast lane (top functions)
     python bench/hotpath.py --metrics       # requests counted for /metrics, as by default deployed
+    python bench/hotpath.py --lane fast     # one path only (to perf record it alone)
 
 bench/run.py measures the whole process under load, where the kernel's loopback TCP (about a
 third of the time) and the event loop blur what the Python code costs. This drives the real
@@ -154,13 +155,17 @@ def main() -> int:
     parser.add_argument(
         "--metrics", action="store_true", help="count requests for /metrics (the admin listener's default)"
     )
+    parser.add_argument(
+        "--lane", choices=["fast", "ordinary", "both"], default="both",
+        help="measure only one path (for perf record: its samples alone)"
+    )
     args = parser.parse_args()
     try:
         import uvloop
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency
         runner = asyncio.run
-    for fast in (True, False):
+    for fast in {"fast": (True,), "ordinary": (False,), "both": (True, False)}[args.lane]:
         best = min(runner(run(args.requests, fast, False, args.metrics))[0] for _ in range(3))
         print(f"{'fast lane' if fast else 'ordinary path':14} {best:6.2f} µs CPU per request "
               f"(best of 3 x {args.requests:,})")

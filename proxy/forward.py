@@ -32,7 +32,16 @@ from .headers import (
 from .health import OutlierDetector, RetryBudget
 from .healthcheck import HealthChecker
 from .keys import load_session_keys
-from .messages import EMPTY_BODY, Body, ClientStream, RequestHead, Response, Sink, local_response
+from .messages import (
+    EMPTY_BODY,
+    Body,
+    ClientStream,
+    RequestHead,
+    Response,
+    Sink,
+    decode_fields,
+    local_response,
+)
 from .metrics import ProxyMetrics
 from .model import (
     BalancerPool,
@@ -59,6 +68,7 @@ from .sticky import (
 from .upstream import (
     ConnectFailed,
     ConnectionPool,
+    Listener,
     PoolExhausted,
     UpstreamClosed,
     UpstreamConnection,
@@ -674,23 +684,23 @@ class Forwarder:
                           signed: SignedSession | None, member: MemberState,
                           variables: dict[str, str]) -> None:
         spec = pool.spec
-        headers = response.headers
         if spec.balancer_variables.response_headers:
-            headers[:] = [(n, v) for n, v in headers if n.lower() not in _VARIABLE_FIELDS]
-            headers.extend((VARIABLE_HEADERS[k], v) for k, v in variables.items())
+            response.headers = [(n, v) for n, v in response.headers
+                                if n.lower() not in _VARIABLE_FIELDS]
+            response.headers.extend((VARIABLE_HEADERS[k], v) for k, v in variables.items())
         if member.route is None:
             return
         changed = "BALANCER_ROUTE_CHANGED" in variables
         if spec.route_cookie is not None and changed:
             # httpd: Header add Set-Cookie "ROUTEID=.%{BALANCER_WORKER_ROUTE}e" env=BALANCER_ROUTE_CHANGED
-            headers.append(("Set-Cookie", set_cookie(spec.route_cookie,
-                                                     f"{spec.stickysessionsep}{member.route}")))
+            response.add_field("Set-Cookie", set_cookie(spec.route_cookie,
+                                                        f"{spec.stickysessionsep}{member.route}"))
         sc = spec.session_cookie
         if sc is not None and pool.session_key is not None:
             now = int(self.wallclock())
             issued = signed.issued if signed is not None and signed.route == member.route else now
             value = encode_session(SignedSession(member.route, issued, now), pool.session_key)
-            headers.append(("Set-Cookie", set_cookie(sc.cookie, value)))
+            response.add_field("Set-Cookie", set_cookie(sc.cookie, value))
 
     @staticmethod
     def _fixed_headers(head: RequestHead, body: Body, drop: frozenset[str]) -> bytes:
@@ -736,17 +746,22 @@ class Forwarder:
     def _stream(self, head: RequestHead, route: _Route, pool: Pool, member: MemberState,
                 conns: ConnectionPool, conn: UpstreamConnection, status: int, reason: bytes,
                 raw_headers: list[tuple[bytes, bytes]], attempts: int) -> Response:
-        out, length, reverse = response_fields(raw_headers)
+        fields: bytes | None
+        fields, length, reverse = response_fields(raw_headers)
+        out: list[tuple[str, str]] | None = None
         if reverse and route.spec.reverse:
             origin = f"{head.scheme}://{head.host}" if head.host else ""
             bases = pool.reverse_bases[route.spec.path]
             out = [(n, reverse_location(v, bases, route.backend_prefix, origin, route.prefix))
-                   if n.lower() in REVERSE_FIELDS else (n, v) for n, v in out]
+                   if n.lower() in REVERSE_FIELDS else (n, v) for n, v in decode_fields(fields)]
+            fields = None
         timeout = member.spec.timeout
         bodiless = head.method == "HEAD" or status in (204, 304) or 100 <= status < 200
         spec = pool.spec
         if status == 101:
             if conn.upgraded and is_websocket_upgrade(head) and _accepts_websocket(head, raw_headers):
+                if out is None:
+                    out = decode_fields(fields or b"")
                 out += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
                 return self._tunnel(pool, member, conns, conn, reason, out, attempts)
             member.end()
@@ -771,10 +786,10 @@ class Forwarder:
             member.read += len(body)
             return Response(status, reason.decode("latin-1") or "", out,
                             0 if bodiless and head.method != "HEAD" else length, finish=finish,
-                            info=info, body=body)
+                            info=info, body=body, fields=fields)
 
         return Response(status, reason.decode("latin-1") or "", out, length,
-                        member_chunks(conn, member, timeout), finish, info)
+                        member_chunks(conn, member, timeout), finish, info, fields=fields)
 
     def _tunnel(self, pool: Pool, member: MemberState, conns: ConnectionPool,
                 conn: UpstreamConnection, reason: bytes, headers: list[tuple[str, str]],
@@ -839,7 +854,7 @@ class _Resume:
     failures: list[str] = dataclasses.field(default_factory=list)
 
 
-class _Exchange:
+class _Exchange(Listener):
     """A fast-lane request on its pooled connection, waiting for the response head: told by
     the connection's callbacks (the listener), or by the member's timeout."""
 

@@ -54,7 +54,16 @@ from .hardening import (
     check_transfer_encoding,
     split_target,
 )
-from .messages import EMPTY_BODY, Body, ClientStream, FieldsMemo, RequestHead, Response, Sink
+from .messages import (
+    EMPTY_BODY,
+    Body,
+    ClientStream,
+    FieldsMemo,
+    RequestHead,
+    Response,
+    Sink,
+    encode_head,
+)
 from .upstream import UpstreamError
 
 log = logging.getLogger("balancerpool.proxy")
@@ -81,6 +90,8 @@ SHUTDOWN_GRACE: Final = 5.0
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PHRASES: Final = {s.value: s.phrase for s in http.HTTPStatus}
+#: Status lines with their standard reason phrase, ready to write.
+_STATUS_LINES: Final = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code, phrase in _PHRASES.items()}
 _VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
 _V11: Final = _VERSIONS["1.1"]
 _METHODS: Final[dict[bytes, str]] = {}
@@ -245,6 +256,8 @@ class HttpConnection(asyncio.Protocol):
         self._loop = server.loop
         self._transport: asyncio.Transport = cast(asyncio.Transport, None)
         self._parser = httptools.HttpRequestParser(self)
+        #: ``_parser.feed_data``, looked up once (as in UpstreamConnection).
+        self._feed: Callable[[bytes], None] = self._parser.feed_data
         self._limits = server.limits
         self._client = ""
         self._lost = False
@@ -360,12 +373,12 @@ class HttpConnection(asyncio.Protocol):
             elif self._held is not None and not self._stop_parsing:
                 self._held += data
             return  # else closing, or after a parse error: what comes now is dropped
-        parser = self._parser
+        feed = self._feed
         before = self._body_in
         received = before.received if before is not None else 0
         while True:
             try:
-                parser.feed_data(data)
+                feed(data)
             except httptools.HttpParserUpgrade as exc:
                 data = data[exc.args[0]:]
                 if not self._after_upgrade(data) or not data:
@@ -753,33 +766,29 @@ class HttpConnection(asyncio.Protocol):
         chunked = False
         if method == "HEAD" or status < 200 or status == 204 or status == 304:
             bodiless = True
-            framing = (f"Content-Length: {length}\r\n"
+            framing = (b"Content-Length: %d\r\n" % length
                        if length is not None and method == "HEAD" and status >= 200
-                       and status != 204 and status != 304 else "")
+                       and status != 204 and status != 304 else b"")
             if status < 200:
                 keep_alive = False  # 101 cannot be followed here (no tunnel yet)
         else:
             bodiless = False
             if length is not None:
-                framing = f"Content-Length: {length}\r\n"
+                framing = b"Content-Length: %d\r\n" % length
             elif http10:
-                framing = ""
+                framing = b""
                 keep_alive = False  # the end of the body is the end of the connection
             else:
-                framing = "Transfer-Encoding: chunked\r\n"
+                framing = b"Transfer-Encoding: chunked\r\n"
                 chunked = True
         if not keep_alive:
-            framing += "Connection: close\r\n"
+            framing += b"Connection: close\r\n"
         elif http10:
-            framing += "Connection: keep-alive\r\n"
-        fields = _field_lines(response.headers)
-        reason = response.reason or _PHRASES.get(status, "")
-        text = f"HTTP/1.1 {status} {reason}\r\n{fields}{framing}\r\n"
-        try:
-            data = text.encode("latin-1")
-        except UnicodeEncodeError:
-            data = text.encode("utf-8")
-        return data, bodiless, chunked, keep_alive
+            framing += b"Connection: keep-alive\r\n"
+        reason = response.reason
+        line = (_STATUS_LINES.get(status) if not reason or reason == _PHRASES.get(status)
+                else None) or encode_head(f"HTTP/1.1 {status} {reason}\r\n")
+        return line + response.field_block() + framing + b"\r\n", bodiless, chunked, keep_alive
 
     async def _run_tunnel(self, response: Response, head: RequestHead) -> bool:
         """A 101: write the head, then the connection is a tunnel while ``upgrade`` runs."""
@@ -790,10 +799,9 @@ class HttpConnection(asyncio.Protocol):
                         response.info.get("pool"), response.info.get("member"))
             self._abort()
             return False
-        fields = _field_lines(response.headers)
         self._transport.write(
-            f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}\r\n{fields}\r\n"
-            .encode("latin-1"))
+            encode_head(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}\r\n")
+            + response.field_block() + b"\r\n")
         tunnel = self._tunnel = ClientTunnel(self)
         held = self._held
         self._held = self._held_for = None
@@ -1106,11 +1114,6 @@ class HttpConnection(asyncio.Protocol):
 
 
 _TIMED_OUT: Final[Any] = object()
-
-
-def _field_lines(headers: list[tuple[str, str]]) -> str:
-    """``Name: value`` lines, each ended by CRLF (joined in C: no Python frame per field)."""
-    return "\r\n".join(map(": ".join, headers)) + "\r\n" if headers else ""
 
 
 async def _ready(response: Response) -> Response:

@@ -22,6 +22,9 @@ _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 _REVERSE_BYTES: Final = frozenset({n.encode() for n in REVERSE_FIELDS})
 #: What a request head loses besides a pool's own list: the forwarding fields are rewritten.
 _REQUEST_DROP: Final = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-host"}
+#: Bit n set: some field the response rules look at has a name n bytes long. Most fields
+#: (Date, Server, Content-Type ...) are passed on without being lowercased and looked up.
+_RESPONSE_SIZES: Final = sum({1 << len(n) for n in _RESPONSE_DROP | _REVERSE_BYTES})
 
 
 def _tokens(value: str, listed: set[str] | None) -> set[str]:
@@ -31,32 +34,37 @@ def _tokens(value: str, listed: set[str] | None) -> set[str]:
     return tokens
 
 
-def response_fields(raw: list[tuple[bytes, bytes]]
-                    ) -> tuple[list[tuple[str, str]], int | None, bool]:
+def response_fields(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
     """A member's response fields to pass on, in one pass (the per-request path): without
-    hop-by-hop fields, those named in Connection, and Content-Length; with that length (None
-    when chunked or absent) and whether any field may need ``ProxyPassReverse``."""
-    out: list[tuple[str, str]] = []
+    hop-by-hop fields, those named in Connection, and Content-Length, as the block of
+    CRLF-ended lines the front end writes (bytes as received: nothing decoded); with that
+    length (None when chunked or absent) and whether any field may need ``ProxyPassReverse``."""
+    kept: list[tuple[bytes, bytes]] = []
     length: int | None = None
     chunked = reverse = False
     listed: set[str] | None = None
     drop = _RESPONSE_DROP
-    for name, value in raw:
-        low = name.lower()
-        if low in drop:
-            if low == b"content-length":
-                length = int(value) if value.strip().isdigit() else None
-            elif low == b"transfer-encoding":
-                chunked = True
-            elif low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
-                listed = _tokens(value.decode("latin-1"), listed)
-            continue
-        if low in _REVERSE_BYTES:
-            reverse = True
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    for pair in raw:
+        name, value = pair
+        size = len(name)
+        if size < 64 and _RESPONSE_SIZES >> size & 1:
+            low = name.lower()
+            if low in drop:
+                if low == b"content-length":
+                    digits = value if value.isdigit() else value.strip()
+                    length = int(digits) if digits.isdigit() else None
+                elif low == b"transfer-encoding":
+                    chunked = True
+                elif low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                    listed = _tokens(value.decode("latin-1"), listed)
+                continue
+            if low in _REVERSE_BYTES:
+                reverse = True
+        kept.append(pair)
     if listed and not listed <= HOP_BY_HOP:
-        out = [(n, v) for n, v in out if n.lower() not in listed]
-    return out, None if chunked else length, reverse
+        kept = [(n, v) for n, v in kept if n.decode("latin-1").lower() not in listed]
+    block = b"\r\n".join(map(b": ".join, kept)) + b"\r\n" if kept else b""
+    return block, None if chunked else length, reverse
 
 
 def map_path(path: str, route_prefix: str, backend_prefix: str) -> str:

@@ -99,41 +99,93 @@ def _no_finish(ok: bool) -> None:
     pass
 
 
-@dataclass(slots=True)
 class Response:
     """A response to write: a head, then ``chunks()``; ``finish(ok)`` must always be called last.
-    ``__init__`` is written out, as for :class:`RequestHead`."""
 
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    #: Content-Length to announce, or None to let the front end frame it (chunked).
-    length: int | None
-    chunks: Callable[[], AsyncIterator[bytes]] = no_chunks
-    finish: Callable[[bool], None] = _no_finish
-    #: Facts for the access log and metrics: pool, member, attempts, ...
-    info: dict[str, object] = field(default_factory=dict)
-    #: For a 101 response: run with the client's stream once the head is written; the tunnel
-    #: lasts until this returns (then ``finish``).
-    upgrade: Callable[[ClientStream], Awaitable[None]] | None = None
-    #: The whole body when it is already at hand (a small response, a local one): then it is
-    #: written at once and ``chunks`` is not used.
-    body: bytes | None = None
+    Its fields come either as a list (``headers``) or, from a member, as the block of
+    ``Name: value`` lines the front end writes as it is (``fields``): decoding each field to
+    ``str`` and encoding it back cost the fast lane more than anything else it does to a
+    response. Asking for ``headers`` decodes the block once; from then on the list counts."""
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], length: int | None,
-                 chunks: Callable[[], AsyncIterator[bytes]] = no_chunks,
+    __slots__ = ("_fields", "_headers", "body", "chunks", "finish", "info", "length", "reason",
+                 "status", "upgrade")
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None,
+                 length: int | None, chunks: Callable[[], AsyncIterator[bytes]] = no_chunks,
                  finish: Callable[[bool], None] = _no_finish, info: dict[str, object] | None = None,
                  upgrade: Callable[[ClientStream], Awaitable[None]] | None = None,
-                 body: bytes | None = None) -> None:
+                 body: bytes | None = None, fields: bytes | None = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        #: One of the two is None: the fields as a list, or as a block of CRLF-ended lines.
+        self._headers = headers if headers is not None or fields is not None else []
+        self._fields = fields if headers is None else None
+        #: Content-Length to announce, or None to let the front end frame it (chunked).
         self.length = length
         self.chunks = chunks
         self.finish = finish
-        self.info = {} if info is None else info
+        #: Facts for the access log and metrics: pool, member, attempts, ...
+        self.info: dict[str, object] = {} if info is None else info
+        #: For a 101 response: run with the client's stream once the head is written; the
+        #: tunnel lasts until this returns (then ``finish``).
         self.upgrade = upgrade
+        #: The whole body when it is already at hand (a small response, a local one): then it
+        #: is written at once and ``chunks`` is not used.
         self.body = body
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = decode_fields(self._fields or b"")
+            self._fields = None
+        return headers
+
+    @headers.setter
+    def headers(self, headers: list[tuple[str, str]]) -> None:
+        self._headers, self._fields = headers, None
+
+    def add_field(self, name: str, value: str) -> None:
+        """Append a field, to the block as it is when nothing decoded it."""
+        fields = self._fields
+        if fields is not None:
+            self._fields = fields + encode_head(f"{name}: {value}\r\n")
+        else:
+            self.headers.append((name, value))
+
+    def field_block(self) -> bytes:
+        """The fields as written in the head: CRLF-ended lines."""
+        fields = self._fields
+        if fields is not None:
+            return fields
+        headers = self._headers
+        return encode_head(field_lines(headers)) if headers else b""
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason!r} {self.headers!r} length={self.length}>"
+
+
+def field_lines(headers: list[tuple[str, str]]) -> str:
+    """``Name: value`` lines, each ended by CRLF (joined in C: no Python frame per field)."""
+    return "\r\n".join(map(": ".join, headers)) + "\r\n" if headers else ""
+
+
+def decode_fields(block: bytes) -> list[tuple[str, str]]:
+    """The list form of a field block (a name holds no colon, so the first ": " ends it)."""
+    out: list[tuple[str, str]] = []
+    for line in block.decode("latin-1").split("\r\n"):
+        if line:
+            name, _, value = line.partition(": ")
+            out.append((name, value))
+    return out
+
+
+def encode_head(text: str) -> bytes:
+    """Head text as bytes: Latin-1 as HTTP/1.1 has it, UTF-8 when some field needs more."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 class Sink(Protocol):

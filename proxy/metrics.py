@@ -11,7 +11,6 @@ around any ``handle``), in plain numbers that a second collector turns into fami
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,6 +43,7 @@ class ProxyMetrics:
         #: (prometheus_client's ``labels()`` and locks cost about 8 µs a request, a third of
         #: what the whole fast lane does).
         self.counts: dict[tuple[object, object], RequestCounts] = {}
+        self.bounds: list[float] = list(LATENCY_BUCKETS)
         self.retries: dict[object, int] = {}
         self.failovers: dict[object, int] = {}
         self.manager_changes = Counter(
@@ -62,7 +62,14 @@ class ProxyMetrics:
             counts = self.counts[key] = RequestCounts()
         counts.codes[_CLASS_INDEX.get(status // 100, 0)] += 1
         seconds = time.monotonic() - started
-        counts.latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        # bisect_left, written out: compiled, a scan from the fast end compares plain doubles
+        # where bisect needs a float object (most responses land in the first buckets).
+        bucket = 0
+        for bound in self.bounds:
+            if seconds <= bound:
+                break
+            bucket += 1
+        counts.latency[bucket] += 1
         counts.seconds += seconds
         attempts = info.get("attempts", 0)
         if isinstance(attempts, int) and attempts > 1:

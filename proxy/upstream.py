@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final
 
 import httptools
 
@@ -66,9 +66,15 @@ class UpstreamProtocolError(UpstreamError):
     kind: ClassVar[str] = "protocol"
 
 
-class Listener(Protocol):
+class Listener:
+    """What waits on a connection's exchange without a Task (the fast lane's). A base class
+    rather than a Protocol: compiled, the call is then a direct one, not a method lookup."""
+
+    __slots__ = ()
+
     def upstream_ready(self) -> None:
         """The response head, an error, or the end of the connection arrived."""
+        raise NotImplementedError
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -76,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Thousands of these can sit idle in the pools: no per-instance dict.
     __slots__ = ("_tell", "buffered", "chunks", "closed", "complete", "counted", "drain_waiter",
-                 "error", "expires", "head_bytes", "head_done", "head_only", "head_received",
+                 "error", "expires", "feed", "head_bytes", "head_done", "head_only", "head_received",
                  "headers", "idle_since", "keep_alive", "keepalive_timeout", "listener", "loop",
                  "parser", "pool", "reading_paused", "reason", "received_any", "requests",
                  "reused", "status", "transport", "upgraded", "waiter", "write_paused")
@@ -86,6 +92,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        #: ``parser.feed_data``, looked up once: a method call on it would look it up each time.
+        self.feed: Callable[[bytes], None] = self.parser.feed_data
         self.closed = False
         #: True while this connection holds one of the pool's ``open`` slots.
         self.counted = True
@@ -155,7 +163,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError("backend sent data after a bodiless response"))
             return
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as upgrade:
             if self.status == 101:
                 self.upgraded = True
@@ -366,6 +374,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = keep_alive
         if self.head_only:
             self.parser = httptools.HttpResponseParser(self)
+            self.feed = self.parser.feed_data
             # A HEAD answer that announced a body: some servers send it anyway, and those bytes
             # would land in the next exchange on this connection. Never reuse it.
             for name, value in self.headers:

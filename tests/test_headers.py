@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from balancerpool.proxy.headers import request_fields
+from hypothesis import given
+from hypothesis import strategies as st
+
+from balancerpool.proxy.headers import HOP_BY_HOP, request_fields, response_fields
+from balancerpool.proxy.messages import Response, decode_fields
 
 
 def test_request_fields_in_one_go() -> None:
@@ -21,3 +25,39 @@ def test_a_websocket_needs_connection_upgrade_too() -> None:
     lines, websocket = request_fields([("Upgrade", "websocket")], frozenset(), "10.0.0.1", "")
     assert not websocket
     assert lines == ["X-Forwarded-For: 10.0.0.1"]  # no Host: no X-Forwarded-Host
+
+
+def test_response_fields_pass_bytes_through_and_drop_what_the_proxy_frames() -> None:
+    raw = [(b"Server", b"nginx"), (b"Content-Length", b"13"), (b"Connection", b"close, X-Hop"),
+           (b"X-Hop", b"1"), (b"keep-alive", b"timeout=5"), (b"Location", b"/x"),
+           (b"X-Bytes", "caf\u00e9".encode("latin-1"))]
+    block, length, reverse = response_fields(raw)
+    assert block == b"Server: nginx\r\nLocation: /x\r\nX-Bytes: caf\xe9\r\n"
+    assert length == 13 and reverse
+    block, length, reverse = response_fields([(b"Transfer-Encoding", b"chunked"),
+                                              (b"Content-Length", b"13")])
+    assert (block, length, reverse) == (b"", None, False)
+
+
+@given(st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", fullmatch=True)
+                          .filter(lambda n: n.lower() != "connection"),
+                          st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                                blacklist_characters="\x7f"))
+                          .map(str.strip)), max_size=8))
+def test_a_field_block_decodes_to_the_fields_it_was_made_of(fields: list[tuple[str, str]]) -> None:
+    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields]
+    kept = [(n, v) for n, v in fields
+            if n.lower() not in HOP_BY_HOP | {"content-length"}]
+    block, _, _ = response_fields(raw)
+    assert decode_fields(block) == kept
+    assert Response(200, "OK", None, 0, fields=block).field_block() == block
+
+
+def test_a_response_block_becomes_a_list_only_when_asked_for() -> None:
+    response = Response(200, "OK", None, 0, fields=b"Server: a\r\n")
+    response.add_field("Set-Cookie", "r=.1")
+    assert response.field_block() == b"Server: a\r\nSet-Cookie: r=.1\r\n"
+    assert response.headers == [("Server", "a"), ("Set-Cookie", "r=.1")]
+    response.add_field("X-Route", "\u2192")  # beyond Latin-1: the head is written as UTF-8
+    assert response.field_block() == "Server: a\r\nSet-Cookie: r=.1\r\nX-Route: \u2192\r\n".encode()
+    assert Response(204, "", None, None).field_block() == b""
