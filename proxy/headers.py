@@ -39,20 +39,20 @@ def response_fields(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, 
     hop-by-hop fields, those named in Connection, and Content-Length, as the block of
     CRLF-ended lines the front end writes (bytes as received: nothing decoded); with that
     length (None when chunked or absent) and whether any field may need ``ProxyPassReverse``."""
-    kept: list[tuple[bytes, bytes]] = []
+    parts: list[bytes] = []
     length: int | None = None
     chunked = reverse = False
     listed: set[str] | None = None
     drop = _RESPONSE_DROP
-    for pair in raw:
-        name, value = pair
+    for name, value in raw:
         size = len(name)
         if size < 64 and _RESPONSE_SIZES >> size & 1:
             low = name.lower()
             if low in drop:
                 if low == b"content-length":
                     digits = value if value.isdigit() else value.strip()
-                    length = int(digits) if digits.isdigit() else None
+                    # int() of the str: compiled, int() of bytes goes through the builtins module.
+                    length = int(digits.decode("ascii")) if digits.isdigit() else None
                 elif low == b"transfer-encoding":
                     chunked = True
                 elif low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
@@ -60,11 +60,15 @@ def response_fields(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, 
                 continue
             if low in _REVERSE_BYTES:
                 reverse = True
-        kept.append(pair)
+        # One flat list joined once: no bytes object per field.
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     if listed and not listed <= HOP_BY_HOP:
-        kept = [(n, v) for n, v in kept if n.decode("latin-1").lower() not in listed]
-    block = b"\r\n".join(map(b": ".join, kept)) + b"\r\n" if kept else b""
-    return block, None if chunked else length, reverse
+        parts = [part for i in range(0, len(parts), 4)
+                 if parts[i].decode("latin-1").lower() not in listed for part in parts[i:i + 4]]
+    return b"".join(parts), None if chunked else length, reverse
 
 
 def map_path(path: str, route_prefix: str, backend_prefix: str) -> str:
