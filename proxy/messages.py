@@ -162,7 +162,8 @@ class Response:
         return encode_head(field_lines(headers)) if headers else b""
 
     def __repr__(self) -> str:
-        return f"<Response {self.status} {self.reason!r} {self.headers!r} length={self.length}>"
+        fields = self._headers if self._headers is not None else self._fields  # as they are
+        return f"<Response {self.status} {self.reason!r} {fields!r} length={self.length}>"
 
 
 def field_lines(headers: list[tuple[str, str]]) -> str:

@@ -61,3 +61,6 @@ def test_a_response_block_becomes_a_list_only_when_asked_for() -> None:
     response.add_field("X-Route", "\u2192")  # beyond Latin-1: the head is written as UTF-8
     assert response.field_block() == "Server: a\r\nSet-Cookie: r=.1\r\nX-Route: \u2192\r\n".encode()
     assert Response(204, "", None, None).field_block() == b""
+    block_response = Response(200, "OK", None, 0, fields=b"Server: a\r\n")
+    assert "Server: a" in repr(block_response)
+    assert block_response._fields is not None  # repr left the block as it was
