@@ -159,14 +159,14 @@ class Response:
         if fields is not None:
             return fields
         headers = self._headers
-        return encode_head(field_lines(headers)) if headers else b""
+        return encode_head(_field_lines(headers)) if headers else b""
 
     def __repr__(self) -> str:
         fields = self._headers if self._headers is not None else self._fields  # as they are
         return f"<Response {self.status} {self.reason!r} {fields!r} length={self.length}>"
 
 
-def field_lines(headers: list[tuple[str, str]]) -> str:
+def _field_lines(headers: list[tuple[str, str]]) -> str:
     """``Name: value`` lines, each ended by CRLF (joined in C: no Python frame per field)."""
     return "\r\n".join(map(": ".join, headers)) + "\r\n" if headers else ""
 
