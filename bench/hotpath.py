@@ -97,7 +97,7 @@ async def run(requests: int, fast: bool, profile: bool, counted: bool) -> tuple[
     if counted:  # as `balancerpool proxy` with its admin listener on
         forwarder.metrics = metrics.enable(forwarder)
     forwarder.apply(parse_pools(POOL))
-    server = HttpServer(forwarder.handle, fast=forwarder.fast, loop=loop)
+    server = HttpServer(forwarder.handle, fast=forwarder.fast, loop=loop, outbox=forwarder.outbox)
     client = server()
     client_transport = Transport()
     client.connection_made(client_transport)  # type: ignore[arg-type]

@@ -69,6 +69,7 @@ from .upstream import (
     ConnectFailed,
     ConnectionPool,
     Listener,
+    Outbox,
     PoolExhausted,
     UpstreamClosed,
     UpstreamConnection,
@@ -103,7 +104,7 @@ class Pool:
 
     def __init__(self, spec: BalancerPool, loop: asyncio.AbstractEventLoop,
                  clock: Callable[[], float], previous: Pool | None = None,
-                 session_key: bytes | None = None) -> None:
+                 session_key: bytes | None = None, outbox: Outbox | None = None) -> None:
         self.spec = spec
         self.session_key = session_key
         #: Route decisions by reason, for metrics (kept across reloads).
@@ -124,7 +125,7 @@ class Pool:
                 kept.member = member  # e.g. a new loadfactor: the connections stay
                 self.connections[member.name] = kept
             else:
-                self.connections[member.name] = ConnectionPool(member, loop, clock)
+                self.connections[member.name] = ConnectionPool(member, loop, clock, outbox)
         for name, pool in old.items():
             if self.connections.get(name) is not pool:
                 pool.close(spec.removal_grace)
@@ -254,6 +255,8 @@ class Forwarder:
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time) -> None:
         self.loop = loop
+        #: Request heads for all members, written when the loop turns (see ``Outbox``).
+        self.outbox = Outbox(loop)
         #: Injectable so that tests move time instead of sleeping through ``retry`` or ``ttl``.
         self.clock = clock
         #: Wall-clock time for signed session cookies, which must agree across replicas.
@@ -286,7 +289,7 @@ class Forwarder:
         new: dict[str, Pool] = {}
         for spec in specs:
             new[spec.name] = Pool(spec, self.loop, self.clock, self.pools.get(spec.name),
-                                  keys.get(spec.name))
+                                  keys.get(spec.name), self.outbox)
         for name, pool in self.pools.items():
             if name not in new:
                 pool.close(pool.spec.removal_grace)

@@ -64,7 +64,7 @@ from .messages import (
     Sink,
     encode_head,
 )
-from .upstream import UpstreamError
+from .upstream import Outbox, UpstreamError
 
 log = logging.getLogger("balancerpool.proxy")
 
@@ -248,6 +248,7 @@ class HttpConnection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
+        self._outbox = server.outbox
         self._handle = server.handler
         self._fast = server.fast
         #: The request in the fast lane, and whether its connection may be kept.
@@ -425,6 +426,7 @@ class HttpConnection(asyncio.Protocol):
             # A half-close after a request: answer it (and what is queued), then close.
             self._stop_parsing = True
             return True
+        self._outbox.flush()  # the transport closes on return: what waits for the loop first
         return False
 
     def pause_writing(self) -> None:
@@ -695,7 +697,7 @@ class HttpConnection(asyncio.Protocol):
                 return False
             data, bodiless, chunked, keep_alive = self._response_head(head, response, keep_alive)
             if bodiless:
-                self._transport.write(data)
+                self._send(data)
             else:
                 sent = await self._stream(response, data, chunked)
                 if response.length is not None and sent != response.length:
@@ -730,17 +732,19 @@ class HttpConnection(asyncio.Protocol):
             if not bodiless:
                 length = response.length
                 if length is not None and len(body) != length:
+                    self._outbox.flush()
                     self._transport.write(data)
                     self._wrong_length(response, len(body))
                     return False
                 if chunked:
                     body = b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
                 if len(body) <= JOIN_SIZE:
-                    self._transport.write(data + body)
-                else:
+                    self._send(data + body)
+                else:  # one writev, now: a burst of such writes gains nothing from waiting
+                    self._outbox.flush()
                     self._transport.writelines([data, body])
             else:
-                self._transport.write(data)
+                self._send(data)
             ok = True
         finally:
             response.finish(ok)
@@ -799,6 +803,7 @@ class HttpConnection(asyncio.Protocol):
                         response.info.get("pool"), response.info.get("member"))
             self._abort()
             return False
+        self._outbox.flush()
         self._transport.write(
             encode_head(f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}\r\n")
             + response.field_block() + b"\r\n")
@@ -827,6 +832,7 @@ class HttpConnection(asyncio.Protocol):
         """Write the head and the body; the head waits for the first chunk (one write) unless
         that chunk is not there before the event loop turns. Returns the body size."""
         sent = 0
+        self._outbox.flush()  # a response before this one goes first
         out = self._out
         out.append(head)
         self._out_size = len(head)
@@ -862,6 +868,13 @@ class HttpConnection(asyncio.Protocol):
             out.clear()
             self._out_size = 0
             raise
+
+    def _send(self, data: bytes) -> None:
+        """Write ``data`` when the event loop turns, with every other response and request head
+        made meanwhile (``Outbox``): a burst of writes wakes each peer once rather than once per
+        write. Whatever is written straight to the transport flushes the outbox first, so that
+        nothing overtakes what waits there."""
+        self._outbox.write(self._transport, data)
 
     def _flush(self) -> None:
         out = self._out
@@ -910,6 +923,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _send_continue(self) -> None:
         if not self._lost and not self._transport.is_closing():
+            self._outbox.flush()
             self._transport.write(_CONTINUE)
 
     def _send_error(self, status: int, detail: str) -> None:
@@ -917,6 +931,7 @@ class HttpConnection(asyncio.Protocol):
         if self._lost or self._transport.is_closing():
             return
         text = f"{status} {_PHRASES.get(status, 'Error')}: {detail}\n".encode("ascii", "replace")
+        self._outbox.flush()
         self._transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n%s"
@@ -1013,6 +1028,7 @@ class HttpConnection(asyncio.Protocol):
         if self._lost or self._lingering or transport.is_closing():
             self._serving = False
             return
+        self._outbox.flush()
         body = self._body_in
         dirty = (self._stop_parsing and not self._eof) or self._must_close or self._in_head or (
             body is not None and not body.complete)
@@ -1110,6 +1126,7 @@ class HttpConnection(asyncio.Protocol):
         self._closing = True
         if not self._serving and not self._lost and not self._lingering:
             self._stop_parsing = True
+            self._outbox.flush()  # a response that waits for the loop to turn
             self._transport.close()
 
 
@@ -1135,12 +1152,15 @@ class HttpServer:
     """The protocol factory for ``loop.create_server`` plus the set of open connections."""
 
     def __init__(self, handler: Handler, *, limits: Limits = DEFAULT_LIMITS,
-                 loop: asyncio.AbstractEventLoop | None = None, fast: FastLane | None = None
-                 ) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, fast: FastLane | None = None,
+                 outbox: Outbox | None = None) -> None:
         self.handler = handler
         self.fast = fast
         self.limits = limits
         self.loop = loop or asyncio.get_running_loop()
+        #: Responses written when the loop turns: the forwarder's, so that they go out together
+        #: with its request heads.
+        self.outbox = outbox if outbox is not None else Outbox(self.loop)
         self.connections: set[HttpConnection] = set()
         self._to_flush: list[HttpConnection] = []
         self.closing = False

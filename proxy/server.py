@@ -176,7 +176,7 @@ class ProxyServer:
         self.server: _Listener
         if self.frontend == "fast":
             self.server = HttpServer(self.forwarder.handle, limits=limits, loop=self.loop,
-                                     fast=self.forwarder.fast)
+                                     fast=self.forwarder.fast, outbox=self.forwarder.outbox)
         elif self.frontend == "aiohttp":
             self.server = web.Server(FrontEnd(self.forwarder), access_log=None,
                                      auto_decompress=False, keepalive_timeout=limits.keepalive_timeout,

@@ -92,7 +92,7 @@ def pytest_asyncio_loop_factories(config: pytest.Config,
                                   item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """The fast front end's and the fast lane's own tests run on uvloop (what the proxy runs
     on) as well as on asyncio's loop; every other test on asyncio's loop only, as before."""
-    if item.path.name in ("test_frontend.py", "test_fastlane.py"):
+    if item.path.name in ("test_frontend.py", "test_fastlane.py", "test_outbox.py"):
         import uvloop
 
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
