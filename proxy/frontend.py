@@ -476,8 +476,9 @@ class HttpConnection(asyncio.Protocol):
         if self._fields_size > limits.max_header_section:
             raise BadRequest(431, f"request header section over {limits.max_header_section} bytes")
         raw.append((name, value))
+        # The usual spelling first: lower() is a method call.
         if size == 4:
-            if name.lower() == b"host":
+            if name == b"Host" or name.lower() == b"host":
                 if self._host is not None:
                     raise BadRequest(400, "more than one Host header field")
                 self._host = value.decode("latin-1")
@@ -490,7 +491,8 @@ class HttpConnection(asyncio.Protocol):
                 check_transfer_encoding(value.decode("latin-1"))
                 self._chunked = True
         elif size == 6:
-            if name.lower() == b"expect" and value.strip().lower() == b"100-continue":
+            if (name[0] | 0x20 == 0x65  # e: not Accept, Cookie, Origin, Pragma ...
+                    and name.lower() == b"expect" and value.strip().lower() == b"100-continue"):
                 self._expect = True
         elif size == 7 and name.lower() == b"upgrade":
             self._upgrade = True

@@ -22,6 +22,11 @@ _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
 _REVERSE_BYTES: Final = frozenset({n.encode() for n in REVERSE_FIELDS})
 #: What a request head loses besides a pool's own list: the forwarding fields are rewritten.
 _REQUEST_DROP: Final = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-host"}
+#: The usual spellings of those names, lowercased without a method call (one per field).
+_LOWER: Final = {spelling: name for name in _RESPONSE_DROP | _REVERSE_BYTES
+                 for spelling in (name, name.title(), name.upper())}
+#: ``Connection`` values that list no field name, as sent.
+_PLAIN_CONNECTION_SENT: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 #: Bit n set: some field the response rules look at has a name n bytes long. Most fields
 #: (Date, Server, Content-Type ...) are passed on without being lowercased and looked up.
 _RESPONSE_SIZES: Final = sum({1 << len(n) for n in _RESPONSE_DROP | _REVERSE_BYTES})
@@ -47,15 +52,21 @@ def response_fields(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, 
     for name, value in raw:
         size = len(name)
         if size < 64 and _RESPONSE_SIZES >> size & 1:
-            low = name.lower()
+            low = _LOWER.get(name)
+            if low is None:
+                low = name.lower()
             if low in drop:
                 if low == b"content-length":
-                    digits = value if value.isdigit() else value.strip()
                     # int() of the str: compiled, int() of bytes goes through the builtins module.
-                    length = int(digits.decode("ascii")) if digits.isdigit() else None
+                    if value.isdigit():
+                        length = int(value.decode("ascii"))
+                    else:
+                        digits = value.strip()
+                        length = int(digits.decode("ascii")) if digits.isdigit() else None
                 elif low == b"transfer-encoding":
                     chunked = True
-                elif low == b"connection" and value.lower() not in _PLAIN_CONNECTION:
+                elif (low == b"connection" and value not in _PLAIN_CONNECTION_SENT
+                      and value.lower() not in _PLAIN_CONNECTION):
                     listed = _tokens(value.decode("latin-1"), listed)
                 continue
             if low in _REVERSE_BYTES:

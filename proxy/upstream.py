@@ -99,13 +99,14 @@ class Outbox:
         self._queued = []
         for i in range(0, len(queued), 2):
             transport = queued[i]
-            # Closed meanwhile (a peer went away, an exchange was cut): that connection's own
-            # callbacks report it; its bytes were never sent.
-            if not transport.is_closing():
-                try:
-                    transport.write(queued[i + 1])
-                except Exception:  # one transport's trouble must not keep the others' bytes
-                    log.exception("writing to %s failed", transport.get_extra_info("peername"))
+            try:
+                transport.write(queued[i + 1])
+            except RuntimeError:
+                # uvloop's transport closed meanwhile (a peer went away, an exchange was cut;
+                # asyncio's drops the bytes itself): that connection's own callbacks report it.
+                pass
+            except Exception:  # one transport's trouble must not keep the others' bytes
+                log.exception("writing to %s failed", transport.get_extra_info("peername"))
 
 
 class Listener:
@@ -290,7 +291,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
         size = len(name)
         self.head_bytes += size + len(value) + 4
-        if size == 10 and name.lower() == b"keep-alive":
+        if size == 10 and name[0] | 0x20 == 0x6B and name.lower() == b"keep-alive":  # not Connection
             self.keepalive_timeout = keepalive_timeout(value)
 
     def on_headers_complete(self) -> None:

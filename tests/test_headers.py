@@ -39,6 +39,17 @@ def test_response_fields_pass_bytes_through_and_drop_what_the_proxy_frames() -> 
     assert (block, length, reverse) == (b"", None, False)
 
 
+def test_response_fields_any_spelling_of_a_name_or_value() -> None:
+    """Usual spellings take a table lookup, any other the lower() call: the same result."""
+    for cl, conn in ((b"Content-Length", b"Keep-Alive"), (b"content-LENGTH", b"KEEP-ALIVE"),
+                     (b"CONTENT-LENGTH", b"close")):
+        block, length, _ = response_fields([(cl, b"13 "), (b"CONNECTION", conn), (b"X-A", b"1")])
+        assert (block, length) == (b"X-A: 1\r\n", 13), (cl, conn)
+    block, length, _ = response_fields([(b"Content-Length", b"1_3"), (b"Connection", b"Close, X-a"),
+                                        (b"x-A", b"1"), (b"LOCATION", b"/")])
+    assert (block, length) == (b"LOCATION: /\r\n", None)
+
+
 @given(st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", fullmatch=True)
                           .filter(lambda n: n.lower() != "connection"),
                           st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,

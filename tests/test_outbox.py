@@ -98,7 +98,7 @@ async def test_flush_lets_a_direct_write_follow_what_was_queued(pairs: Any) -> N
     assert bytes(peer.data) == b"queued,direct"
 
 
-async def test_a_transport_closed_meanwhile_is_skipped_and_the_others_written(
+async def test_a_transport_aborted_meanwhile_gets_nothing_and_the_others_are_written(
         pairs: Any, caplog: pytest.LogCaptureFixture) -> None:
     outbox = Outbox(asyncio.get_running_loop())
     (gone, gone_peer), (kept, kept_peer) = await pairs(), await pairs()
