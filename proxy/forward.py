@@ -255,7 +255,7 @@ class Forwarder:
                  clock: Callable[[], float] = time.monotonic,
                  wallclock: Callable[[], float] = time.time) -> None:
         self.loop = loop
-        #: Request heads for all members, written when the loop turns (see ``Outbox``).
+        #: Request heads, and the fast front end's responses, written when the loop turns.
         self.outbox = Outbox(loop)
         #: Injectable so that tests move time instead of sleeping through ``retry`` or ``ttl``.
         self.clock = clock

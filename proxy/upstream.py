@@ -92,7 +92,7 @@ class Outbox:
 
     def flush(self) -> None:
         """Write what is queued: when the loop turns, and before anything written straight to
-        a member's transport, which must not overtake it."""
+        a transport, which must not overtake it."""
         queued = self._queued
         if not queued:
             return
