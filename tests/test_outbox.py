@@ -1,6 +1,6 @@
 """The outbox: writes made during one event-loop iteration go out together when it turns, in
-order, and never lost by a peer that went away meanwhile. Real sockets on 127.0.0.1, on
-asyncio's loop and on uvloop (conftest.py)."""
+order; a transport closed meanwhile costs the others nothing, and a client's FIN never costs it
+its answer. Real sockets on 127.0.0.1, on asyncio's loop and on uvloop (conftest.py)."""
 
 from __future__ import annotations
 
