@@ -102,9 +102,9 @@ _REASONS: Final = {404: "Not Found", 502: "Bad Gateway", 503: "Service Unavailab
 class Pool:
     """One BalancerPool at run time: its scheduling state and one connection pool per member."""
 
-    def __init__(self, spec: BalancerPool, loop: asyncio.AbstractEventLoop,
+    def __init__(self, spec: BalancerPool, loop: asyncio.AbstractEventLoop, outbox: Outbox,
                  clock: Callable[[], float], previous: Pool | None = None,
-                 session_key: bytes | None = None, outbox: Outbox | None = None) -> None:
+                 session_key: bytes | None = None) -> None:
         self.spec = spec
         self.session_key = session_key
         #: Route decisions by reason, for metrics (kept across reloads).
@@ -125,7 +125,7 @@ class Pool:
                 kept.member = member  # e.g. a new loadfactor: the connections stay
                 self.connections[member.name] = kept
             else:
-                self.connections[member.name] = ConnectionPool(member, loop, clock, outbox)
+                self.connections[member.name] = ConnectionPool(member, loop, outbox, clock)
         for name, pool in old.items():
             if self.connections.get(name) is not pool:
                 pool.close(spec.removal_grace)
@@ -288,8 +288,8 @@ class Forwarder:
         keys = load_session_keys(specs)
         new: dict[str, Pool] = {}
         for spec in specs:
-            new[spec.name] = Pool(spec, self.loop, self.clock, self.pools.get(spec.name),
-                                  keys.get(spec.name), self.outbox)
+            new[spec.name] = Pool(spec, self.loop, self.outbox, self.clock,
+                                  self.pools.get(spec.name), keys.get(spec.name))
         for name, pool in self.pools.items():
             if name not in new:
                 pool.close(pool.spec.removal_grace)

@@ -491,12 +491,11 @@ class ConnectionPool:
     """httpd's per-worker connection pool: ``min``, ``max``, ``smax`` + ``ttl``, ``acquire``,
     ``keepalive`` and ``disablereuse``. One per member, so one member can be flushed alone."""
 
-    def __init__(self, member: MemberSpec, loop: asyncio.AbstractEventLoop,
-                 clock: Callable[[], float] = time.monotonic, outbox: Outbox | None = None
-                 ) -> None:
+    def __init__(self, member: MemberSpec, loop: asyncio.AbstractEventLoop, outbox: Outbox,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.member = member
         self.loop = loop
-        self.outbox = outbox if outbox is not None else Outbox(loop)
+        self.outbox = outbox
         self.clock = clock
         spec = member.pool
         self.max = spec.max

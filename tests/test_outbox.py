@@ -13,7 +13,7 @@ import pytest
 
 from balancerpool.proxy.upstream import Outbox
 
-from .conftest import Backends
+from .conftest import Backends, wait_for
 from .test_frontend import Client, clients, connect, proxy_for
 
 __all__ = ["clients"]  # the fixture
@@ -144,7 +144,7 @@ async def test_a_fin_read_in_the_same_turn_as_the_answer_does_not_lose_it(
     await client.send(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")  # leaves an idle pooled connection
     assert (await client.response())[0] == 200
     await client.send(b"GET /slow?s=0.1 HTTP/1.1\r\nHost: a\r\n\r\n")
-    await asyncio.sleep(0.03)  # the head is out; the member answers in 0.1 s
+    await wait_for(lambda: len(a.requests()) == 2)  # the head is out; the answer comes in 0.1 s
     time.sleep(0.3)  # noqa: ASYNC251 - the proxy shares this loop: the answer waits, unread
     client.writer.write_eof()  # the FIN, behind the answer
     status, _, body = await client.response()
