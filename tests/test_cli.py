@@ -68,6 +68,13 @@ class Output:
         return self.text
 
 
+def threads(pid: int) -> int:
+    """The process's thread count. A proxy whose listeners and members are IP addresses runs
+    on one (docs/performance.md: a second thread costs every read and write a file reference)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("Threads:")[1].split()[0])
+
+
 @pytest.fixture
 def run() -> Iterator[list[subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -103,6 +110,7 @@ def test_proxy_reloads_on_change_and_keeps_last_good(
     metrics = fetch(f"http://127.0.0.1:{admin}/metrics")[1]
     assert 'balancerpool_requests_total{' in metrics and 'member="a"' in metrics
     wait_until(lambda: log.exists() and '"member":"a"' in log.read_text())
+    assert threads(proc.pid) == 1
 
     # A change of the file is picked up by itself.
     path.write_text(yaml.safe_dump(pool_doc([{"url": b.url, "name": "b"}])))
@@ -206,6 +214,7 @@ def test_demo_serves_and_stops_on_ctrl_c(run: list[subprocess.Popen[bytes]]) -> 
     # The demo serves the balancer-manager too, and says how to log in.
     assert fetch("http://127.0.0.1:9090/healthz")[0] == 200
     assert fetch("http://127.0.0.1:9090/balancer-manager")[0] == 401
+    assert threads(proc.pid) == 1  # its backends and admin listener bound without resolving
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0

@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .conftest import Backends, free_port, get, pool_doc, wait_for
 
@@ -404,3 +405,30 @@ async def test_post_is_never_sent_twice(start_proxy: Any, client: aiohttp.Client
         assert backend.seen == [(1, "POST"), (1, "POST")]
     finally:
         await backend.close()
+
+
+def test_listening_socket_binds_addresses_and_leaves_names_to_the_loop() -> None:
+    from balancerpool.proxy.server import listening_socket
+
+    assert listening_socket("localhost", 0) is None  # a name: the event loop resolves it
+    sock = listening_socket("127.0.0.1", 0, reuse_port=True)
+    assert sock is not None
+    try:
+        host, port = sock.getsockname()
+        assert host == "127.0.0.1" and port > 0 and not sock.getblocking()
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+        sock.listen()
+        # Taken (without SO_REUSEPORT this time): the error names the address.
+        with pytest.raises(OSError, match=rf"bind on address \('127.0.0.1', {port}\)"):
+            listening_socket("127.0.0.1", port)
+    finally:
+        sock.close()
+    if socket.has_ipv6:
+        try:
+            six = listening_socket("::1", 0)
+        except OSError:  # no IPv6 loopback in this network namespace
+            return
+        assert six is not None
+        with six:
+            assert six.family == socket.AF_INET6
+            assert six.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
