@@ -259,6 +259,9 @@ class Forwarder:
         self.outbox = Outbox(loop)
         #: Injectable so that tests move time instead of sleeping through ``retry`` or ``ttl``.
         self.clock = clock
+        #: The clock is time.monotonic: the fast lane's one reading per request then serves the
+        #: scheduler, the metrics and its deadline alike (a clock call costs a float each).
+        self.monotonic = clock is time.monotonic
         #: Wall-clock time for signed session cookies, which must agree across replicas.
         self.wallclock = wallclock
         #: Per-request Prometheus metrics, when the admin listener turned them on.
@@ -400,7 +403,7 @@ class Forwarder:
         member = pool.state.choose(now, (), _hash_key(head, spec) if spec.hash is not None else None)
         if member is None:
             return False  # the ordinary path waits for one, or answers 503
-        started = time.monotonic()
+        started = now if self.monotonic else time.monotonic()
         pool.budget.request(now)
         conns = pool.connections[member.name]
         conn = conns.take_idle(now)
@@ -434,7 +437,7 @@ class Forwarder:
         """Time out fast-lane requests past their member's ``timeout``: a set lookup per
         request instead of a timer, checked every DEADLINE_SWEEP seconds."""
         self._sweeper = None
-        now = self.loop.time()
+        now = time.monotonic() if self.monotonic else self.loop.time()  # as _Exchange's deadline
         for exchange in [e for e in self._waiting if e.deadline <= now]:
             try:
                 exchange.timed_out()
@@ -625,20 +628,19 @@ class Forwarder:
                   attempt_started: float, acquired: float) -> Response:
         """The response head arrived: health and outlier bookkeeping, then the response."""
         pool = route.pool
-        clock = self.clock
+        now = self.clock()
         if status in pool.spec.failonstatus:
-            member.mark_error(clock(), "failonstatus", f"status {status}")
-        pool.observe(member, status, clock())
+            member.mark_error(now, "failonstatus", f"status {status}")
+        pool.observe(member, status, now)
         pool.route_reasons[reason] += 1
-        response = self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
-                                raw_headers, attempts)
-        info = response.info
-        info["route_reason"] = reason
         # connect: getting a connection (pooled or new); response: sending the request until
-        # the response head arrived.
-        info["connect_ms"] = (acquired - attempt_started) * 1000  # rounded where logged
-        info["response_ms"] = (clock() - acquired) * 1000
-        return response
+        # the response head arrived. Made whole here: a dict that grows past five keys resizes.
+        info: dict[str, object] = {
+            "pool": pool.spec.name, "member": member.name, "attempts": attempts,
+            "route_reason": reason, "connect_ms": (acquired - attempt_started) * 1000,  # rounded
+            "response_ms": (now - acquired) * 1000}                                   # where logged
+        return self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
+                            raw_headers, info)
 
     def _session(self, head: RequestHead, pool: Pool
                  ) -> tuple[SessionRoute, SignedSession | None, Reason | None]:
@@ -748,7 +750,8 @@ class Forwarder:
 
     def _stream(self, head: RequestHead, route: _Route, pool: Pool, member: MemberState,
                 conns: ConnectionPool, conn: UpstreamConnection, status: int, reason: bytes,
-                raw_headers: list[tuple[bytes, bytes]], attempts: int) -> Response:
+                raw_headers: list[tuple[bytes, bytes]], info: dict[str, object]) -> Response:
+        """The Response for a member's answer; ``info`` its facts so far (see _answered)."""
         fields: bytes | None
         fields, length, reverse = response_fields(raw_headers)
         out: list[tuple[str, str]] | None = None
@@ -766,15 +769,14 @@ class Forwarder:
                 if out is None:
                     out = decode_fields(fields or b"")
                 out += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
-                return self._tunnel(pool, member, conns, conn, reason, out, attempts)
+                return self._tunnel(pool, member, conns, conn, reason, out, info)
             member.end()
             conns.release(conn, False)
             return local_response(
                 502, _REASONS[502],
                 f"Bad gateway: member {member.name!r} of pool {spec.name!r} answered 101 without "
                 "completing a WebSocket handshake for this request.",
-                {"pool": spec.name, "member": member.name, "reason": "bad-upgrade",
-                 "attempts": attempts})
+                info | {"reason": "bad-upgrade"})
 
         def finish(ok: bool) -> None:
             member.end()
@@ -782,7 +784,6 @@ class Forwarder:
                 pool.member_error(member, self.clock(), "failontimeout", str(conn.error))
             conns.release(conn, ok)
 
-        info: dict[str, object] = {"pool": spec.name, "member": member.name, "attempts": attempts}
         if bodiless or (conn.complete and not conn.reading_paused):
             # All of it is here already (a small response): handed over as one piece.
             body = b"" if bodiless else conn.take_body()
@@ -796,7 +797,7 @@ class Forwarder:
 
     def _tunnel(self, pool: Pool, member: MemberState, conns: ConnectionPool,
                 conn: UpstreamConnection, reason: bytes, headers: list[tuple[str, str]],
-                attempts: int) -> Response:
+                info: dict[str, object]) -> Response:
         """A 101: after the head, bytes flow both ways until either side closes. The tunnel
         counts as busy on its member (bybusyness sees WebSockets) until it ends."""
         tunnel = Tunnel(conn)
@@ -813,8 +814,7 @@ class Forwarder:
             member.end()
             conns.release(conn, False)  # never pooled again
 
-        info: dict[str, object] = {"pool": pool.spec.name, "member": member.name,
-                                   "attempts": attempts, "upgrade": "websocket"}
+        info["upgrade"] = "websocket"
         return Response(101, reason.decode("latin-1") or "Switching Protocols", headers, None,
                         finish=finish, info=info, upgrade=upgrade)
 
@@ -879,7 +879,7 @@ class _Exchange(Listener):
         conn.listener = self
         timeout = member.spec.timeout
         if timeout > 0:
-            self.deadline = forwarder.loop.time() + timeout
+            self.deadline = (started if forwarder.monotonic else forwarder.loop.time()) + timeout
             forwarder._wait_for(self)
 
     def upstream_ready(self) -> None:

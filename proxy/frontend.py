@@ -287,6 +287,8 @@ class HttpConnection(asyncio.Protocol):
         self._chunked = False
         self._expect = False
         self._upgrade = False
+        #: The head has a Connection field (else llhttp's keep-alive answer gives the version).
+        self._connection = False
         self._in_head = False
         self._head_size = 0
         #: The head's request line and complete fields, as parsed (max_header_section).
@@ -452,6 +454,7 @@ class HttpConnection(asyncio.Protocol):
         self._chunked = False
         self._expect = False
         self._upgrade = False
+        self._connection = False
 
     def on_url(self, url: bytes) -> None:
         url = self._url + url if self._url else url
@@ -496,6 +499,10 @@ class HttpConnection(asyncio.Protocol):
                 self._expect = True
         elif size == 7 and name.lower() == b"upgrade":
             self._upgrade = True
+        elif size == 10 and name[0] | 0x20 == 0x63 and name.lower() == b"connection":  # c: not User-Agent
+            self._connection = True
+        elif size == 16 and name[0] | 0x20 == 0x70 and name.lower() == b"proxy-connection":
+            self._connection = True  # llhttp reads it as it reads Connection
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -512,9 +519,14 @@ class HttpConnection(asyncio.Protocol):
         method = _METHODS.get(raw_method)
         if method is None:
             method = _METHODS[raw_method] = raw_method.decode("ascii")
-        raw_version = parser.get_http_version()
-        version = _VERSIONS.get(raw_version) or _version(raw_version)
         keep_alive = parser.should_keep_alive()
+        if keep_alive and not self._connection:
+            # llhttp keeps a connection open by default for HTTP/1.1 alone (of the versions it
+            # parses: 0.9, 1.0, 1.1, 2.0), and get_http_version() formats a string each call.
+            version = _V11
+        else:
+            raw_version = parser.get_http_version()
+            version = _VERSIONS.get(raw_version) or _version(raw_version)
         url = self._url.decode("latin-1")
         host = self._host
         if url[:1] == "/":

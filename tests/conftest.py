@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,10 +168,12 @@ async def start_proxy(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     servers: list[ProxyServer] = []
     frontend: str = request.param
 
-    async def start(*docs: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> RunningProxy:
+    async def start(*docs: dict[str, Any], limits: Limits = DEFAULT_LIMITS,
+                    real_clock: bool = False) -> RunningProxy:
         pools = parse_pools(yaml.safe_dump_all(docs))
-        clock = FakeClock()
-        server = ProxyServer(None, ("127.0.0.1", 0), pools, clock=clock, frontend=frontend,
+        clock = FakeClock()  # ``real_clock``: the proxy runs on time.monotonic, as deployed
+        server = ProxyServer(None, ("127.0.0.1", 0), pools,
+                             clock=time.monotonic if real_clock else clock, frontend=frontend,
                              limits=limits)
         servers.append(server)
         await server.start()

@@ -638,9 +638,12 @@ async def test_member_that_resets_its_pooled_connections_and_stops_listening_fai
 
 @pytest.mark.parametrize("failontimeout", [False, True], ids=["plain", "failontimeout"])
 @pytest.mark.parametrize("drip", [False, True], ids=["silent", "dripping-head"])
+@pytest.mark.parametrize("real_clock", [False, True], ids=["fake-clock", "real-clock"])
 async def test_member_timeout_in_the_fast_lane_is_a_504_and_the_connection_is_dropped(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire, failontimeout: bool,
-        drip: bool) -> None:
+        drip: bool, real_clock: bool) -> None:
+    """(``real_clock``: the deadline comes from the request's one clock reading, as deployed;
+    with a test's clock, from the event loop's.)"""
     async def hang(ask: Ask) -> bool:
         if ask.target == "/hang":
             if drip:  # a head that never ends: the deadline counts from the request, not a byte
@@ -654,8 +657,9 @@ async def test_member_timeout_in_the_fast_lane_is_a_504_and_the_connection_is_dr
 
     backend = await raw(hang)
     proxy = await start_proxy(pool_doc([{"url": backend.url, "name": "m", "timeout": "300ms"}],
-                                       failontimeout=failontimeout))
+                                       failontimeout=failontimeout), real_clock=real_clock)
     fwd = proxy.server.forwarder
+    assert fwd.monotonic is real_clock
     wire = await open_wire(proxy)
     assert (await wire.ask(request("/warm"))).status == 200
     before = fwd.fast_requests

@@ -416,6 +416,48 @@ async def test_tunnel_runs_the_responses_upgrade(clients: list[Client]) -> None:
         await server.shutdown(1.0)
 
 
+@pytest.mark.parametrize(("request_head", "version", "kept"), [
+    (b"GET /v HTTP/1.1\r\nHost: x\r\n\r\n", (1, 1), True),
+    (b"GET /v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", (1, 1), False),
+    (b"GET /v HTTP/1.1\r\nHost: x\r\nconnection: keep-alive\r\n\r\n", (1, 1), True),
+    (b"GET /v HTTP/1.0\r\n\r\n", (1, 0), False),
+    (b"GET /v HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", (1, 0), True),
+    (b"GET /v HTTP/1.0\r\nCONNECTION: Keep-Alive\r\n\r\n", (1, 0), True),
+    # llhttp reads the obsolete Proxy-Connection as it reads Connection
+    (b"GET /v HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n", (1, 0), True),
+    (b"GET /v HTTP/1.1\r\nHost: x\r\nProxy-Connection: close\r\n\r\n", (1, 1), False),
+    (b"GET /v HTTP/1.1\r\nHost: x\r\nUser-Agent: close\r\n\r\n", (1, 1), True),
+])
+async def test_request_version_and_keep_alive(clients: list[Client], request_head: bytes,
+                                              version: tuple[int, int], kept: bool) -> None:
+    """The version a request head gives the core, whether or not it is read off the parser
+    (HTTP/1.1 without a Connection field is inferred from llhttp's keep-alive answer)."""
+    seen: list[tuple[int, int]] = []
+
+    async def handle(head: RequestHead, body: Body) -> Response:
+        seen.append(head.version)
+        return Response(200, "OK", [], 2, _ok, lambda ok: None)
+
+    server = frontend.HttpServer(handle)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    host, port = listener.sockets[0].getsockname()[:2]
+    try:
+        client = Client(*await asyncio.open_connection(host, port))
+        clients.append(client)
+        for _ in range(2 if kept else 1):  # a kept connection serves the same request again
+            await client.send(request_head)
+            status, headers, body = await client.response()
+            assert (status, body) == (200, b"ok")
+        assert seen == [version] * len(seen)
+        assert headers.get("connection") == (None if version == (1, 1) and kept
+                                             else "keep-alive" if kept else "close")
+        if not kept:
+            assert await client.at_eof()
+    finally:
+        listener.close()
+        await server.shutdown(1.0)
+
+
 async def test_websocket_tunnel(start_proxy: Any, clients: list[Client]) -> None:
     backend = EchoWebSocketBackend()
     try:
