@@ -109,10 +109,24 @@ def main() -> int:
         print(f"{name:<24} median {medians[name]:>9,.0f} req/s  p99 {p99:.3f} ms  CPU {cpu:.1f} µs/req"
               f"  (runs {min(rps):,.0f}-{max(rps):,.0f})")
     a, b = (medians[name] for name in sources)
-    print(f"B/A req/s: {b / a:.3f}")
+    print(f"B/A req/s: {b / a:.3f} (of the medians); {paired(results, *sources)}")
     if "haproxy" in medians:
-        print(f"vs HAProxy: A {a / medians['haproxy']:.3f}, B {b / medians['haproxy']:.3f}")
+        print(f"vs HAProxy: A {a / medians['haproxy']:.3f}, B {b / medians['haproxy']:.3f} (of the medians)")
+        for name in sources:
+            print(f"  {name:<22} {paired(results, name, 'haproxy')}")
     return 0
+
+
+def paired(results: dict[str, list[run.Row]], one: str, other: str) -> str:
+    """The ratio of req/s within each round, where both met the same state of the machine: on a
+    virtual machine whose speed drifts between rounds (HAProxy's req/s here moves by a quarter),
+    its median is steadier than the ratio of two medians taken from different rounds."""
+    ratios = sorted(x.rps / y.rps for x, y in zip(results[one], results[other], strict=True)
+                    if x.rps and y.rps)
+    if not ratios:
+        return "no paired rounds"
+    return (f"per round: median {statistics.median(ratios):.3f}, {ratios[0]:.3f}-{ratios[-1]:.3f} "
+            f"over {len(ratios)} rounds")
 
 
 if __name__ == "__main__":

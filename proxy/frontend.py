@@ -95,6 +95,9 @@ _STATUS_LINES: Final = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code,
 _VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
 _V11: Final = _VERSIONS["1.1"]
 _METHODS: Final[dict[bytes, str]] = {}
+#: Content-Length lines by length (``_length_line``), up to LENGTH_LINES_MAX of them.
+_LENGTH_LINES: Final[dict[int, bytes]] = {}
+LENGTH_LINES_MAX: Final = 4096
 
 
 @mypyc_attr(native_class=False)
@@ -259,6 +262,8 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         #: ``_parser.feed_data``, looked up once (as in UpstreamConnection).
         self._feed: Callable[[bytes], None] = self._parser.feed_data
+        self._get_method: Callable[[], bytes] = self._parser.get_method
+        self._should_keep_alive: Callable[[], bool] = self._parser.should_keep_alive
         self._limits = server.limits
         self._client = ""
         self._lost = False
@@ -514,18 +519,17 @@ class HttpConnection(asyncio.Protocol):
             return
         if self._stop_parsing:
             return  # the connection closes after the response in flight: nothing new starts
-        parser = self._parser
-        raw_method = parser.get_method()
+        raw_method = self._get_method()
         method = _METHODS.get(raw_method)
         if method is None:
             method = _METHODS[raw_method] = raw_method.decode("ascii")
-        keep_alive = parser.should_keep_alive()
+        keep_alive = self._should_keep_alive()
         if keep_alive and not self._connection:
             # llhttp keeps a connection open by default for HTTP/1.1 alone (of the versions it
             # parses: 0.9, 1.0, 1.1, 2.0), and get_http_version() formats a string each call.
             version = _V11
         else:
-            raw_version = parser.get_http_version()
+            raw_version = self._parser.get_http_version()
             version = _VERSIONS.get(raw_version) or _version(raw_version)
         url = self._url.decode("latin-1")
         host = self._host
@@ -792,7 +796,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             bodiless = False
             if length is not None:
-                framing = b"Content-Length: %d\r\n" % length
+                framing = _LENGTH_LINES.get(length) or _length_line(length)
             elif http10:
                 framing = b""
                 keep_alive = False  # the end of the body is the end of the connection
@@ -1154,6 +1158,15 @@ async def _ready(response: Response) -> Response:
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(_TIMED_OUT)
+
+
+def _length_line(length: int) -> bytes:
+    """``Content-Length: N``, remembered for the lengths a proxy sees again and again (the
+    same page, the same API answer): a dict lookup costs less than formatting the number."""
+    line = b"Content-Length: %d\r\n" % length
+    if len(_LENGTH_LINES) < LENGTH_LINES_MAX:
+        _LENGTH_LINES[length] = line
+    return line
 
 
 def _version(text: str) -> tuple[int, int]:

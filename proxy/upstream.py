@@ -125,18 +125,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Thousands of these can sit idle in the pools: no per-instance dict.
     __slots__ = ("_tell", "buffered", "chunks", "closed", "complete", "counted", "drain_waiter",
-                 "error", "expires", "feed", "head_bytes", "head_done", "head_only", "head_received",
-                 "headers", "idle_since", "keep_alive", "keepalive_timeout", "listener", "loop",
-                 "parser", "pool", "reading_paused", "reason", "received_any", "requests",
-                 "reused", "status", "transport", "upgraded", "waiter", "write_paused")
+                 "error", "expires", "feed", "get_status_code", "head_bytes", "head_done",
+                 "head_only", "head_received", "headers", "idle_since", "keep_alive",
+                 "keepalive_timeout", "listener", "loop", "parser", "pool", "reading_paused",
+                 "reason", "received_any", "requests", "reused", "should_keep_alive", "status",
+                 "transport", "upgraded", "waiter", "write_paused")
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        #: ``parser.feed_data``, looked up once: a method call on it would look it up each time.
+        #: The parser's methods used for every response, looked up once (and again when the
+        #: parser is replaced): a method call by name looks the method up each time.
         self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.get_status_code: Callable[[], int] = self.parser.get_status_code
+        self.should_keep_alive: Callable[[], bool] = self.parser.should_keep_alive
         self.closed = False
         #: True while this connection holds one of the pool's ``open`` slots.
         self.counted = True
@@ -241,7 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
                 return
         if self.head_done and self.head_only and not self.complete:
             # httptools cannot be told that a HEAD response has no body: end it here.
-            self._message_done(keep_alive=self.parser.should_keep_alive())
+            self._message_done(keep_alive=self.should_keep_alive())
 
     def eof_received(self) -> bool:
         if self.upgraded:
@@ -299,7 +303,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_FIELDS:
             return  # data_received refuses it; it must never count as a head
-        status = self.parser.get_status_code()
+        status = self.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
             self.headers = []
@@ -321,7 +325,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.head_done:
-            self._message_done(keep_alive=self.parser.should_keep_alive())
+            self._message_done(keep_alive=self.should_keep_alive())
 
     # --- the exchange, for the caller -------------------------------------------------------
 
@@ -421,8 +425,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = True
         self.keep_alive = keep_alive
         if self.head_only:
-            self.parser = httptools.HttpResponseParser(self)
-            self.feed = self.parser.feed_data
+            self.parser = parser = httptools.HttpResponseParser(self)
+            self.feed = parser.feed_data
+            self.get_status_code = parser.get_status_code
+            self.should_keep_alive = parser.should_keep_alive
             # A HEAD answer that announced a body: some servers send it anyway, and those bytes
             # would land in the next exchange on this connection. Never reuse it.
             for name, value in self.headers:
@@ -500,7 +506,8 @@ class ConnectionPool:
         spec = member.pool
         self.max = spec.max
         self.smax = spec.smax if spec.smax is not None else spec.max
-        self.idle: deque[UpstreamConnection] = deque()
+        #: Oldest first. A list, not a deque: compiled, its pop and append are direct calls.
+        self.idle: list[UpstreamConnection] = []
         self.open = 0
         self.waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self.closing = False
@@ -670,7 +677,7 @@ class ConnectionPool:
             self.drop(conn)
         if spec.ttl is not None:
             floor = max(spec.min, self.smax or 0)
-            # Oldest idle connections sit at the left of the deque.
+            # Oldest idle connections sit at the start of the list.
             while self.idle and self.open > floor and now - self.idle[0].idle_since >= spec.ttl:
                 conn = self.idle[0]
                 conn.close()
@@ -681,7 +688,7 @@ class ConnectionPool:
             except UpstreamError:
                 return
             conn.idle_since = self.clock()
-            self.idle.appendleft(conn)
+            self.idle.insert(0, conn)  # the cold end: most recent ones are reused first
 
 
 def keepalive_timeout(value: bytes) -> float | None:
