@@ -108,8 +108,9 @@ def main() -> int:
         cpu = statistics.median(r.cpu_us_per_req for r in rows if r.cpu_us_per_req)
         print(f"{name:<24} median {medians[name]:>9,.0f} req/s  p99 {p99:.3f} ms  CPU {cpu:.1f} µs/req"
               f"  (runs {min(rps):,.0f}-{max(rps):,.0f})")
-    a, b = (medians[name] for name in sources)
-    print(f"B/A req/s: {b / a:.3f} (of the medians); {paired(results, *sources)}")
+    name_a, name_b = sources
+    a, b = medians[name_a], medians[name_b]
+    print(f"B/A req/s: {b / a:.3f} (of the medians); {paired(results, name_b, name_a)}")
     if "haproxy" in medians:
         print(f"vs HAProxy: A {a / medians['haproxy']:.3f}, B {b / medians['haproxy']:.3f} (of the medians)")
         for name in sources:
