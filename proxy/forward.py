@@ -634,11 +634,12 @@ class Forwarder:
         pool.observe(member, status, now)
         pool.route_reasons[reason] += 1
         # connect: getting a connection (pooled or new); response: sending the request until
-        # the response head arrived. Made whole here: a dict that grows past five keys resizes.
+        # the response head arrived (both rounded where logged). Made whole here: a dict that
+        # grows past five keys resizes.
         info: dict[str, object] = {
             "pool": pool.spec.name, "member": member.name, "attempts": attempts,
-            "route_reason": reason, "connect_ms": (acquired - attempt_started) * 1000,  # rounded
-            "response_ms": (now - acquired) * 1000}                                   # where logged
+            "route_reason": reason, "connect_ms": (acquired - attempt_started) * 1000,
+            "response_ms": (now - acquired) * 1000}
         return self._stream(head, route, pool, member, conns, conn, status, reason_phrase,
                             raw_headers, info)
 

@@ -53,8 +53,8 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
 
     Binding here keeps the process single-threaded: uvloop resolves even a numeric host through
     libuv's thread pool, whose threads then live on, and in a process with more than one thread
-    the kernel takes a reference on the socket's file for every read and write (the fd lookup
-    showed up at about 0.1 µs a system call in the profile, see docs/performance.md)."""
+    the kernel takes a reference on the socket's file for every read and write (about 80 ns a
+    request in the profile, see docs/performance.md)."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
