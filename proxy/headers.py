@@ -32,6 +32,24 @@ _PLAIN_CONNECTION_SENT: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive
 _RESPONSE_SIZES: Final = sum({1 << len(n) for n in _RESPONSE_DROP | _REVERSE_BYTES})
 
 
+#: Content-Length values already read (``_content_length``), up to LENGTHS_MAX of them: the
+#: same resources answer with the same lengths, and a lookup costs less than three calls.
+_LENGTHS: Final[dict[bytes, int]] = {}
+LENGTHS_MAX: Final = 4096
+
+
+def _content_length(value: bytes) -> int | None:
+    """A Content-Length value's number, or None when it is not one."""
+    digits = value if value.isdigit() else value.strip()
+    if not digits.isdigit():
+        return None
+    # int() of the str: compiled, int() of bytes goes through the builtins module.
+    length = int(digits.decode("ascii"))
+    if len(_LENGTHS) < LENGTHS_MAX:
+        _LENGTHS[value] = length
+    return length
+
+
 def _tokens(value: str, listed: set[str] | None) -> set[str]:
     """Field names listed in ``Connection``: hop-by-hop for this hop only (RFC 9110 §7.6.1)."""
     tokens = listed if listed is not None else set()
@@ -57,12 +75,9 @@ def response_fields(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, 
                 low = name.lower()
             if low in drop:
                 if low == b"content-length":
-                    # int() of the str: compiled, int() of bytes goes through the builtins module.
-                    if value.isdigit():
-                        length = int(value.decode("ascii"))
-                    else:
-                        digits = value.strip()
-                        length = int(digits.decode("ascii")) if digits.isdigit() else None
+                    length = _LENGTHS.get(value)
+                    if length is None:
+                        length = _content_length(value)
                 elif low == b"transfer-encoding":
                     chunked = True
                 elif (low == b"connection" and value not in _PLAIN_CONNECTION_SENT

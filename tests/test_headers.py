@@ -75,3 +75,15 @@ def test_a_response_block_becomes_a_list_only_when_asked_for() -> None:
     block_response = Response(200, "OK", None, 0, fields=b"Server: a\r\n")
     assert "Server: a" in repr(block_response)
     assert block_response._fields is not None  # repr left the block as it was
+
+
+def test_content_length_values_are_remembered_up_to_a_bound() -> None:
+    from balancerpool.proxy import headers
+
+    for n in range(headers.LENGTHS_MAX + 50):
+        value = str(n).encode()
+        assert headers._content_length(value) == n
+        assert response_fields([(b"Content-Length", value)])[1] == n  # from the cache, or not
+    assert len(headers._LENGTHS) == headers.LENGTHS_MAX
+    assert headers._content_length(b" 7 ") == 7 and headers._content_length(b"7x") is None
+    assert b"7x" not in headers._LENGTHS
