@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -362,6 +363,18 @@ async def read_exactly_or_eof(client: Client, size: int) -> bytes:
     return got
 
 
+@contextlib.asynccontextmanager
+async def stand_in_core(handle: Any) -> AsyncIterator[tuple[str, int]]:
+    """The fast front end on a free port, with ``handle`` in place of the core: its address."""
+    server = frontend.HttpServer(handle)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    try:
+        yield listener.sockets[0].getsockname()[:2]
+    finally:
+        listener.close()
+        await server.shutdown(1.0)
+
+
 async def _ok() -> AsyncIterator[bytes]:
     yield b"ok"
 
@@ -383,10 +396,7 @@ async def test_tunnel_runs_the_responses_upgrade(clients: list[Client]) -> None:
                                                      ("Connection", "Upgrade")], None,
                         finish=finished.append, upgrade=echo)
 
-    server = frontend.HttpServer(handle)
-    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    host, port = listener.sockets[0].getsockname()[:2]
-    try:
+    async with stand_in_core(handle) as (host, port):
         client = Client(*await asyncio.open_connection(host, port))
         clients.append(client)
         await client.send(HANDSHAKE + b"early ")  # held until the answer, then tunnelled
@@ -411,9 +421,6 @@ async def test_tunnel_runs_the_responses_upgrade(clients: list[Client]) -> None:
         await other.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
         assert await other.at_eof()
         await wait_for(lambda: finished == [True, True, True, False])
-    finally:
-        listener.close()
-        await server.shutdown(1.0)
 
 
 @pytest.mark.parametrize(("request_head", "version", "kept"), [
@@ -438,10 +445,7 @@ async def test_request_version_and_keep_alive(clients: list[Client], request_hea
         seen.append(head.version)
         return Response(200, "OK", [], 2, _ok, lambda ok: None)
 
-    server = frontend.HttpServer(handle)
-    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-    host, port = listener.sockets[0].getsockname()[:2]
-    try:
+    async with stand_in_core(handle) as (host, port):
         client = Client(*await asyncio.open_connection(host, port))
         clients.append(client)
         for _ in range(2 if kept else 1):  # a kept connection serves the same request again
@@ -453,9 +457,6 @@ async def test_request_version_and_keep_alive(clients: list[Client], request_hea
                                              else "keep-alive" if kept else "close")
         if not kept:
             assert await client.at_eof()
-    finally:
-        listener.close()
-        await server.shutdown(1.0)
 
 
 async def test_websocket_tunnel(start_proxy: Any, clients: list[Client]) -> None:
