@@ -41,7 +41,7 @@ from .keys import load_session_keys
 from .model import BalancerPool, FieldError, InvalidBalancerPool, apply_flags, parse_pools
 from .persist import ConfigStore, to_document
 from .scheduling import MemberState, Transition, bits_to_flags, flags_to_bits
-from .server import listening_socket
+from .server import aiohttp_site
 
 log = logging.getLogger("balancerpool.admin")
 
@@ -903,9 +903,7 @@ async def start_admin(forwarder: Forwarder, host: str = "127.0.0.1", port: int =
     app = admin_app(forwarder, auth=auth, store=store, ready=ready, origins=origins)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    sock = listening_socket(host, port)  # as the proxy's listeners: no resolver threads
-    site = web.TCPSite(runner, host, port) if sock is None else web.SockSite(runner, sock)
-    await site.start()
+    await aiohttp_site(runner, host, port).start()
     bound_host, bound_port = runner.addresses[0][:2]
     app[MANAGER].origins.update(own_origins(host, bound_port))
     name = f"[{bound_host}]" if ":" in bound_host else bound_host

@@ -15,7 +15,7 @@ from aiohttp import web
 from . import metrics
 from .admin import start_demo_admin
 from .model import BalancerPool, MemberSpec, parse_pools
-from .server import ProxyServer, listening_socket, run_until_signalled
+from .server import ProxyServer, aiohttp_site, run_until_signalled
 
 DEMO_FILE = "demo-pool.yaml"
 
@@ -47,9 +47,7 @@ def backend_app(name: str, route: str | None) -> web.Application:
 async def start_backend(member: MemberSpec) -> web.AppRunner:
     runner = web.AppRunner(backend_app(member.name, member.route), access_log=None)
     await runner.setup()
-    sock = listening_socket(member.host, member.port)
-    site = web.TCPSite(runner, member.host, member.port) if sock is None else web.SockSite(runner, sock)
-    await site.start()
+    await aiohttp_site(runner, member.host, member.port).start()
     return runner
 
 

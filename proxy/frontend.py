@@ -54,6 +54,7 @@ from .hardening import (
     check_transfer_encoding,
     split_target,
 )
+from .headers import content_length_line
 from .messages import (
     EMPTY_BODY,
     Body,
@@ -95,9 +96,6 @@ _STATUS_LINES: Final = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code,
 _VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
 _V11: Final = _VERSIONS["1.1"]
 _METHODS: Final[dict[bytes, str]] = {}
-#: Content-Length lines by length (``_length_line``), up to LENGTH_LINES_MAX of them.
-_LENGTH_LINES: Final[dict[int, bytes]] = {}
-LENGTH_LINES_MAX: Final = 4096
 
 
 @mypyc_attr(native_class=False)
@@ -796,7 +794,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             bodiless = False
             if length is not None:
-                framing = _LENGTH_LINES.get(length) or _length_line(length)
+                framing = content_length_line(length)
             elif http10:
                 framing = b""
                 keep_alive = False  # the end of the body is the end of the connection
@@ -1158,15 +1156,6 @@ async def _ready(response: Response) -> Response:
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(_TIMED_OUT)
-
-
-def _length_line(length: int) -> bytes:
-    """``Content-Length: N``, remembered for the lengths a proxy sees again and again (the
-    same page, the same API answer): a dict lookup costs less than formatting the number."""
-    line = b"Content-Length: %d\r\n" % length
-    if len(_LENGTH_LINES) < LENGTH_LINES_MAX:
-        _LENGTH_LINES[length] = line
-    return line
 
 
 def _version(text: str) -> tuple[int, int]:

@@ -32,10 +32,22 @@ _PLAIN_CONNECTION_SENT: Final = frozenset({b"keep-alive", b"close", b"Keep-Alive
 _RESPONSE_SIZES: Final = sum({1 << len(n) for n in _RESPONSE_DROP | _REVERSE_BYTES})
 
 
-#: Content-Length values already read (``_content_length``), up to LENGTHS_MAX of them: the
-#: same resources answer with the same lengths, and a lookup costs less than three calls.
+#: Content-Length values read from members (``_content_length``) and lines written to clients
+#: (``content_length_line``), up to LENGTHS_MAX of each: the same resources answer with the
+#: same lengths, and a lookup costs less than parsing or formatting the number.
 _LENGTHS: Final[dict[bytes, int]] = {}
+_LENGTH_LINES: Final[dict[int, bytes]] = {}
 LENGTHS_MAX: Final = 4096
+
+
+def content_length_line(length: int) -> bytes:
+    """``Content-Length: N`` with its CRLF, for a response head."""
+    line = _LENGTH_LINES.get(length)
+    if line is None:
+        line = b"Content-Length: %d\r\n" % length
+        if len(_LENGTH_LINES) < LENGTHS_MAX:
+            _LENGTH_LINES[length] = line
+    return line
 
 
 def _content_length(value: bytes) -> int | None:

@@ -75,6 +75,12 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
     return sock
 
 
+def aiohttp_site(runner: web.AppRunner, host: str, port: int) -> web.BaseSite:
+    """An aiohttp listener bound as ``listening_socket`` binds (no resolver threads)."""
+    sock = listening_socket(host, port)
+    return web.TCPSite(runner, host, port) if sock is None else web.SockSite(runner, sock)
+
+
 class _Listener(Protocol):
     """What ProxyServer needs of a front end: a protocol factory that can shut down."""
 

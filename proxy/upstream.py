@@ -135,12 +135,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        #: The parser's methods used for every response, looked up once (and again when the
-        #: parser is replaced): a method call by name looks the method up each time.
-        self.feed: Callable[[bytes], None] = self.parser.feed_data
-        self.get_status_code: Callable[[], int] = self.parser.get_status_code
-        self.should_keep_alive: Callable[[], bool] = self.parser.should_keep_alive
+        self._new_parser()
         self.closed = False
         #: True while this connection holds one of the pool's ``open`` slots.
         self.counted = True
@@ -421,14 +416,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _new_parser(self) -> None:
+        """A fresh parser, with the methods used for every response looked up once: a method
+        call by name looks the method up each time."""
+        self.parser = parser = httptools.HttpResponseParser(self)
+        self.feed: Callable[[bytes], None] = parser.feed_data
+        self.get_status_code: Callable[[], int] = parser.get_status_code
+        self.should_keep_alive: Callable[[], bool] = parser.should_keep_alive
+
     def _message_done(self, keep_alive: bool) -> None:
         self.complete = True
         self.keep_alive = keep_alive
         if self.head_only:
-            self.parser = parser = httptools.HttpResponseParser(self)
-            self.feed = parser.feed_data
-            self.get_status_code = parser.get_status_code
-            self.should_keep_alive = parser.should_keep_alive
+            self._new_parser()
             # A HEAD answer that announced a body: some servers send it anyway, and those bytes
             # would land in the next exchange on this connection. Never reuse it.
             for name, value in self.headers:

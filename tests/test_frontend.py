@@ -625,10 +625,3 @@ async def test_front_end_choice(start_proxy: Any) -> None:
     assert other.frontend == "aiohttp" and not isinstance(other.server, frontend.HttpServer)
     with pytest.raises(ValueError, match="unknown front end"):
         server.ProxyServer(None, ("127.0.0.1", 0), [], frontend="h2o")
-
-
-def test_content_length_lines_are_remembered_up_to_a_bound() -> None:
-    for length in range(frontend.LENGTH_LINES_MAX + 100):
-        assert frontend._length_line(length) == b"Content-Length: %d\r\n" % length
-    assert len(frontend._LENGTH_LINES) == frontend.LENGTH_LINES_MAX  # no more than that
-    assert frontend._LENGTH_LINES[7] == b"Content-Length: 7\r\n"

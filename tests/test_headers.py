@@ -87,3 +87,12 @@ def test_content_length_values_are_remembered_up_to_a_bound() -> None:
     assert len(headers._LENGTHS) == headers.LENGTHS_MAX
     assert headers._content_length(b" 7 ") == 7 and headers._content_length(b"7x") is None
     assert b"7x" not in headers._LENGTHS
+
+
+def test_content_length_lines_are_remembered_up_to_a_bound() -> None:
+    from balancerpool.proxy import headers
+
+    for length in range(headers.LENGTHS_MAX + 100):
+        assert headers.content_length_line(length) == b"Content-Length: %d\r\n" % length
+    assert len(headers._LENGTH_LINES) == headers.LENGTHS_MAX  # no more than that
+    assert headers._LENGTH_LINES[7] == b"Content-Length: 7\r\n"

@@ -31,10 +31,14 @@ class Peer(asyncio.Protocol):
     def __init__(self) -> None:
         self.data = bytearray()
         self.arrived = asyncio.Event()
+        self.lost = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:
         self.data += data
         self.arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
 
     async def read(self, size: int) -> bytes:
         while len(self.data) < size:
@@ -93,9 +97,9 @@ async def test_flush_lets_a_direct_write_follow_what_was_queued(pairs: Any) -> N
     outbox.flush()  # what every direct write does first
     transport.write(b"direct")
     assert await peer.read(13) == b"queued,direct"
-    await asyncio.sleep(0)  # the turn's own flush finds nothing left
-    await asyncio.sleep(0.05)
-    assert bytes(peer.data) == b"queued,direct"
+    await asyncio.sleep(0)  # the turn's own flush finds nothing left: nothing comes twice
+    transport.write(b"|end")
+    assert await peer.read(17) == b"queued,direct|end"
 
 
 async def test_a_transport_aborted_meanwhile_gets_nothing_and_the_others_are_written(
@@ -107,7 +111,7 @@ async def test_a_transport_aborted_meanwhile_gets_nothing_and_the_others_are_wri
     gone.abort()
     await asyncio.sleep(0)
     assert await kept_peer.read(4) == b"sent"
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(gone_peer.lost.wait(), IO)  # the abort reached it, and nothing before
     assert bytes(gone_peer.data) == b""
     assert "failed" not in caplog.text
 
