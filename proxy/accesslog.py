@@ -1,6 +1,7 @@
 """The access log: one line per request, plain (httpd's combined format plus key=value fields) or
 JSON. It goes through the ``balancerpool.access`` logger, which is silent unless configured, so
-that a proxy without an access log pays one ``isEnabledFor`` per request and nothing more."""
+that a proxy without an access log pays one flag test per request and nothing more (the flag, not
+``isEnabledFor``: that is a call into the logging module's Python code on every request)."""
 
 from __future__ import annotations
 
@@ -17,26 +18,35 @@ logger.propagate = False
 logger.setLevel(logging.WARNING)
 
 _FORMAT = {"plain": True}
+_on = False
 
 
-def configure(target: str | None, fmt: str = "plain") -> None:
-    """``target`` is a file path, ``-`` for stdout, or None to switch the log off."""
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+def configure(target: str | TextIO | None, fmt: str = "plain") -> None:
+    """``target`` is a file path, ``-`` for stdout, a stream, or None to switch the log off."""
+    global _on
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
     if target is None:
         logger.setLevel(logging.WARNING)
+        _on = False
         return
-    stream: TextIO = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")  # noqa: SIM115
-    handler = logging.StreamHandler(stream)
+    handler: logging.Handler
+    if target == "-":
+        handler = logging.StreamHandler(sys.stdout)
+    elif isinstance(target, str):
+        handler = logging.FileHandler(target, encoding="utf-8")  # closed with the handler
+    else:
+        handler = logging.StreamHandler(target)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     _FORMAT["plain"] = fmt == "plain"
+    _on = True
 
 
 def enabled() -> bool:
-    return logger.isEnabledFor(logging.INFO)
+    return _on
 
 
 def record(head: RequestHead, status: int, sent: int, started: float, info: dict[str, Any],

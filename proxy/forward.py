@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -107,8 +106,9 @@ class Pool:
                  session_key: bytes | None = None) -> None:
         self.spec = spec
         self.session_key = session_key
-        #: Route decisions by reason, for metrics (kept across reloads).
-        self.route_reasons: Counter[str] = previous.route_reasons if previous is not None else Counter()
+        #: Route decisions by reason, for metrics (kept across reloads). A dict, not a Counter:
+        #: Counter defines __delitem__ in Python, which makes every store a method lookup.
+        self.route_reasons: dict[str, int] = previous.route_reasons if previous is not None else {}
         self.sticky = spec.stickysession is not None or spec.session_cookie is not None
         #: No session and no BALANCER_* headers: its bodiless requests may take the fast lane.
         self.fast = not self.sticky and not spec.balancer_variables.request_headers \
@@ -412,10 +412,8 @@ class Forwarder:
             return True
         member.begin()
         m = member.spec
-        target = map_path(head.path, route.prefix, route.backend_prefix)
-        if head.query:
-            target += "?" + head.query
-        request_head = _request_head(head, route, m, target,
+        request_head = _request_head(head, route, m,
+                                     map_path(head.path, route.prefix, route.backend_prefix),
                                      self._fixed_headers(head, EMPTY_BODY, pool.drop))
         try:
             conn.begin(request_head, head.method == "HEAD")
@@ -456,7 +454,6 @@ class Forwarder:
         spec = pool.spec
         state = pool.state
         upstream_path = map_path(head.path, route.prefix, route.backend_prefix)
-        target = upstream_path + ("?" + head.query if head.query else "")
         fixed = self._fixed_headers(head, body, pool.drop)
         head_only = head.method == "HEAD"
         has_body = body.length != 0
@@ -498,7 +495,7 @@ class Forwarder:
                 if member is not None:
                     state.note_sticky(member, now)
                 elif spec.nofailover and why is not Reason.MEMBER_GONE:
-                    pool.route_reasons[Reason.NOFAILOVER] += 1
+                    _count(pool.route_reasons, Reason.NOFAILOVER)
                     return local_response(
                         503, _REASONS[503],
                         f"Service unavailable: the session's member (route {session.route!r}) in "
@@ -544,7 +541,7 @@ class Forwarder:
             extra = ""
             if variables is not None and spec.balancer_variables.request_headers:
                 extra = "".join(f"{VARIABLE_HEADERS[k]}: {v}\r\n" for k, v in variables.items())
-            request_head = _request_head(head, route, m, target, fixed, extra)
+            request_head = _request_head(head, route, m, upstream_path, fixed, extra)
             try:
                 conn.begin(request_head, head_only)
                 member.transferred += len(request_head)
@@ -632,7 +629,7 @@ class Forwarder:
         if status in pool.spec.failonstatus:
             member.mark_error(now, "failonstatus", f"status {status}")
         pool.observe(member, status, now)
-        pool.route_reasons[reason] += 1
+        _count(pool.route_reasons, reason)
         # connect: getting a connection (pooled or new); response: sending the request until
         # the response head arrived (both rounded where logged). Made whole here: a dict that
         # grows past five keys resizes.
@@ -754,7 +751,12 @@ class Forwarder:
                 raw_headers: list[tuple[bytes, bytes]], info: dict[str, object]) -> Response:
         """The Response for a member's answer; ``info`` its facts so far (see _answered)."""
         fields: bytes | None
-        fields, length, reverse = response_fields(raw_headers)
+        memo = conn.fields_memo
+        if memo is not None and memo[0] is raw_headers:  # the same fields (see fields_memo)
+            _, fields, length, reverse = memo
+        else:
+            fields, length, reverse = response_fields(raw_headers)
+            conn.fields_memo = (raw_headers, fields, length, reverse)
         out: list[tuple[str, str]] | None = None
         if reverse and route.spec.reverse:
             origin = f"{head.scheme}://{head.host}" if head.host else ""
@@ -839,10 +841,12 @@ def _fixed_block(head: RequestHead, length: int | None, drop: frozenset[str]) ->
     return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
 
-def _request_head(head: RequestHead, route: _Route, m: MemberSpec, target: str, fixed: bytes,
+def _request_head(head: RequestHead, route: _Route, m: MemberSpec, path: str, fixed: bytes,
                   extra: str = "") -> bytes:
+    """``path``: the request's, mapped to the member (``map_path``); the query follows it."""
     host = head.host if route.spec.preserve_host else m.authority
-    start = f"{head.method} {m.base_path}{target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")
+    start = (f"{head.method} {m.base_path}{path}?{head.query} HTTP/1.1\r\nHost: {host}\r\n" if head.query
+             else f"{head.method} {m.base_path}{path} HTTP/1.1\r\nHost: {host}\r\n").encode("latin-1")
     if extra:
         return b"".join((start, fixed, extra.encode("latin-1"), b"\r\n"))
     return b"".join((start, fixed, b"\r\n"))
@@ -927,6 +931,10 @@ class _Exchange(Listener):
             self.sink.respond_later(fwd.handle(head, EMPTY_BODY, resume))
         else:
             self.sink.respond(fwd._observed(head, response, self.started))
+
+
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _explain(spec: BalancerPool, status: int, failures: list[str]) -> str:

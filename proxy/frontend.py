@@ -257,6 +257,8 @@ class HttpConnection(asyncio.Protocol):
         self._fast_keep = False
         self._loop = server.loop
         self._transport: asyncio.Transport = cast(asyncio.Transport, None)
+        #: ``_transport.is_closing``, looked up once: asked before every response.
+        self._is_closing: Callable[[], bool] = _not_closing
         self._parser = httptools.HttpRequestParser(self)
         #: ``_parser.feed_data``, looked up once (as in UpstreamConnection).
         self._feed: Callable[[bytes], None] = self._parser.feed_data
@@ -281,8 +283,16 @@ class HttpConnection(asyncio.Protocol):
         self._raw: list[tuple[bytes, bytes]] = []
         self._last_raw: list[tuple[bytes, bytes]] | None = None
         self._last_headers: list[tuple[str, str]] = []
+        #: While ``_matching``, ``_raw`` is ``_last_raw``, never changed, and the fields parsed
+        #: so far equal its first ``_matched``; at the first difference they are copied into a
+        #: list of their own. The same fields as the last request's: no tuple made, nothing
+        #: compared at the end, nothing decoded.
+        self._matching = False
+        self._matched = 0
         #: The core's memo of this connection's forwarded fields.
         self._memo = FieldsMemo()
+        #: The last request's method, as parsed and as a str.
+        self._last_method = (b"GET", "GET")
         self._host: str | None = None
         #: The last Host value that passed the head checks (most requests repeat it).
         self._checked_host: str | None = None
@@ -335,6 +345,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._is_closing = self._transport.is_closing
         server = self._server
         server.connections.add(self)
         peer = transport.get_extra_info("peername")
@@ -448,7 +459,11 @@ class HttpConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._url = b""
-        self._raw = []
+        last = self._last_raw
+        if last is not None:
+            self._raw, self._matching, self._matched = last, True, 0
+        else:
+            self._raw = []
         self._fields_size = 0
         self._head_size = -1  # began in this feed: data_received counts from the next one
         self._framing = 0
@@ -471,9 +486,8 @@ class HttpConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # a trailer field: not forwarded (its bytes are bounded in data_received)
-        raw = self._raw
         limits = self._limits
-        if len(raw) >= limits.max_headers:
+        if (self._matched if self._matching else len(self._raw)) >= limits.max_headers:
             raise BadRequest(400, f"more than {limits.max_headers} header fields")
         size = len(name)
         if size + len(value) + 2 > limits.max_header_size:
@@ -481,7 +495,8 @@ class HttpConnection(asyncio.Protocol):
         self._fields_size += size + len(value) + 4
         if self._fields_size > limits.max_header_section:
             raise BadRequest(431, f"request header section over {limits.max_header_section} bytes")
-        raw.append((name, value))
+        if not (self._matching and self._matches(name, value)):
+            self._raw.append((name, value))
         # The usual spelling first: lower() is a method call.
         if size == 4:
             if name == b"Host" or name.lower() == b"host":
@@ -507,8 +522,26 @@ class HttpConnection(asyncio.Protocol):
         elif size == 16 and name[0] | 0x20 == 0x70 and name.lower() == b"proxy-connection":
             self._connection = True  # llhttp reads it as it reads Connection
 
+    def _matches(self, name: bytes, value: bytes) -> bool:
+        """Whether this field is the last request's at the same place; when not, the fields so
+        far get a list of their own (see ``_matching``)."""
+        raw = self._raw
+        i = self._matched
+        if i < len(raw):
+            known = raw[i]
+            if known[0] == name and known[1] == value:
+                self._matched = i + 1
+                return True
+        self._matching = False
+        self._raw = raw[:i]
+        return False
+
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if self._matching:
+            self._matching = False
+            if self._matched < len(self._raw):  # fewer fields than the last request
+                self._raw = self._raw[:self._matched]
         self._head_size = 0
         self._head_since = None
         if self._synthetic:
@@ -518,9 +551,14 @@ class HttpConnection(asyncio.Protocol):
         if self._stop_parsing:
             return  # the connection closes after the response in flight: nothing new starts
         raw_method = self._get_method()
-        method = _METHODS.get(raw_method)
-        if method is None:
-            method = _METHODS[raw_method] = raw_method.decode("ascii")
+        if raw_method == self._last_method[0]:  # a compare, where a lookup hashes the bytes
+            method = self._last_method[1]
+        else:
+            found = _METHODS.get(raw_method)
+            if found is None:
+                found = _METHODS[raw_method] = raw_method.decode("ascii")
+            method = found
+            self._last_method = (raw_method, method)
         keep_alive = self._should_keep_alive()
         if keep_alive and not self._connection:
             # llhttp keeps a connection open by default for HTTP/1.1 alone (of the versions it
@@ -532,7 +570,11 @@ class HttpConnection(asyncio.Protocol):
         url = self._url.decode("latin-1")
         host = self._host
         if url[:1] == "/":
-            path, _, query = url.partition("?")
+            mark = url.find("?")  # not partition(): no tuple, and no string without a query
+            if mark < 0:
+                path, query = url, ""
+            else:
+                path, query = url[:mark], url[mark + 1:]
             if (version != _V11 or host is None or host != self._checked_host or self._chunked
                     or method == "CONNECT"):
                 check_head(method, version, url, host, None, self._chunked)
@@ -553,7 +595,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             body = EMPTY_BODY
         raw = self._raw
-        if raw == self._last_raw:
+        if raw is self._last_raw:  # the same fields (see _matching)
             headers = self._last_headers
         else:
             headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
@@ -626,7 +668,7 @@ class HttpConnection(asyncio.Protocol):
                 self._send_error(item.status, item.detail)
             elif not (self._stop_parsing or self._closing):
                 self._serving = False
-                self._idle_since = self._loop.time()
+                self._idle_since = self._server.time()
                 if self._reading_paused:
                     self._maybe_resume()
                 return None
@@ -739,14 +781,19 @@ class HttpConnection(asyncio.Protocol):
         serve another request."""
         ok = False
         try:
-            if self._lost or self._transport.is_closing():
+            if self._lost or self._is_closing():
                 log.debug("client %s went away before the response", head.client)
                 return False
-            data, bodiless, chunked, keep_alive = self._response_head(head, response, keep_alive)
             body = response.body
             assert body is not None
-            if not bodiless:
-                length = response.length
+            length = response.length
+            # The usual response, with its length as announced: head and body in one join.
+            whole = length is not None and len(body) == length and length <= JOIN_SIZE
+            data, bodiless, chunked, keep_alive = self._response_head(
+                head, response, keep_alive, body if whole else b"")
+            if whole or bodiless:
+                self._send(data)
+            else:
                 if length is not None and len(body) != length:
                     self._outbox.flush()
                     self._transport.write(data)
@@ -759,8 +806,6 @@ class HttpConnection(asyncio.Protocol):
                 else:  # one writev, now: a burst of such writes gains nothing from waiting
                     self._outbox.flush()
                     self._transport.writelines([data, body])
-            else:
-                self._send(data)
             ok = True
         finally:
             response.finish(ok)
@@ -773,13 +818,14 @@ class HttpConnection(asyncio.Protocol):
                     response.info.get("pool"), response.info.get("member"), sent, response.length)
         self._abort()
 
-    def _response_head(self, head: RequestHead, response: Response, keep_alive: bool
-                       ) -> tuple[bytes, bool, bool, bool]:
-        """The response head's bytes, and whether the response is bodiless, chunked and
-        followed by another on this connection."""
+    def _response_head(self, head: RequestHead, response: Response, keep_alive: bool,
+                       body: bytes = b"") -> tuple[bytes, bool, bool, bool]:
+        """The response head's bytes (followed by ``body`` unless the response is bodiless), and
+        whether the response is bodiless, chunked and followed by another on this connection."""
         status = response.status
         method = head.method
-        http10 = head.version < (1, 1)
+        major, minor = head.version
+        http10 = major < 1 or (major == 1 and minor < 1)  # compiled: no tuples made to compare
         if self._closing or self._must_close or (self._stop_parsing and not self._queue):
             keep_alive = False
         length = response.length
@@ -808,7 +854,8 @@ class HttpConnection(asyncio.Protocol):
         reason = response.reason
         line = (_STATUS_LINES.get(status) if not reason or reason == _PHRASES.get(status)
                 else None) or encode_head(f"HTTP/1.1 {status} {reason}\r\n")
-        return line + response.field_block() + framing + b"\r\n", bodiless, chunked, keep_alive
+        return (b"".join((line, response.field_block(), framing, b"\r\n", b"" if bodiless else body)),
+                bodiless, chunked, keep_alive)
 
     async def _run_tunnel(self, response: Response, head: RequestHead) -> bool:
         """A 101: write the head, then the connection is a tunnel while ``upgrade`` runs."""
@@ -1149,6 +1196,10 @@ class HttpConnection(asyncio.Protocol):
 _TIMED_OUT: Final[Any] = object()
 
 
+def _not_closing() -> bool:
+    return False
+
+
 async def _ready(response: Response) -> Response:
     return response
 
@@ -1174,6 +1225,8 @@ class HttpServer:
         self.fast = fast
         self.limits = limits
         self.loop = loop or asyncio.get_running_loop()
+        #: ``loop.time``, looked up once: read after every keep-alive response.
+        self.time: Callable[[], float] = self.loop.time
         #: Responses written when the loop turns: the forwarder's, so that they go out together
         #: with its request heads.
         self.outbox = outbox if outbox is not None else Outbox(self.loop)

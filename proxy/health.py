@@ -120,21 +120,28 @@ class RetryBudget:
     """Requests and retries over a sliding window of one-second buckets; a retry is allowed
     while retries stay under the budget, so that failures do not turn into a retry storm."""
 
-    __slots__ = ("buckets", "spec")
+    __slots__ = ("buckets", "current", "second", "spec")
 
     def __init__(self, spec: RetryBudgetSpec) -> None:
         self.spec = spec
         #: second -> [requests, retries]
         self.buckets: dict[int, list[int]] = {}
+        #: The newest bucket and its second: every request counts there, without a lookup.
+        self.second = -1
+        self.current = [0, 0]
 
     def _bucket(self, now: float) -> list[int]:
         second = int(now)
+        if second == self.second:
+            return self.current
         bucket = self.buckets.get(second)
         if bucket is None:
             horizon = second - int(self.spec.window)
             for old in [k for k in self.buckets if k <= horizon]:
                 del self.buckets[old]
             bucket = self.buckets[second] = [0, 0]
+        if second > self.second:
+            self.second, self.current = second, bucket
         return bucket
 
     def request(self, now: float) -> None:

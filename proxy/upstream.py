@@ -125,9 +125,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Thousands of these can sit idle in the pools: no per-instance dict.
     __slots__ = ("_tell", "buffered", "chunks", "closed", "complete", "counted", "drain_waiter",
-                 "error", "expires", "feed", "get_status_code", "head_bytes", "head_done",
+                 "error", "expires", "feed", "fields_memo", "get_status_code", "head_bytes", "head_done",
                  "head_only", "head_received", "headers", "idle_since", "keep_alive",
-                 "keepalive_timeout", "listener", "loop", "parser", "pool", "reading_paused",
+                 "keepalive_timeout", "listener", "loop", "matched", "matching", "parser", "pool",
+                 "reading_paused",
                  "reason", "received_any", "requests", "reused", "should_keep_alive", "status",
                  "transport", "upgraded", "waiter", "write_paused")
 
@@ -151,6 +152,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The last response's fields and what ``response_fields`` made of them (set by the
+        #: Forwarder): a member repeats the same fields (but Date, once a second) on a
+        #: connection. While ``matching``, ``headers`` is that list, never changed, and the
+        #: fields parsed so far equal its first ``matched``; at the first difference they are
+        #: copied into a list of their own. Then a response with the same fields as the last
+        #: one has the same list, with no tuple made and no comparison left to make.
+        self.fields_memo: tuple[list[tuple[bytes, bytes]], bytes, int | None, bool] | None = None
+        self.matching = False
+        self.matched = 0
         self.head_done = False
         self.complete = False
         self.keep_alive = False
@@ -289,13 +299,32 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not (self.matching and self._matches(name, value)):
+            self.headers.append((name, value))
         size = len(name)
         self.head_bytes += size + len(value) + 4
         if size == 10 and name[0] | 0x20 == 0x6B and name.lower() == b"keep-alive":  # not Connection
             self.keepalive_timeout = keepalive_timeout(value)
 
+    def _matches(self, name: bytes, value: bytes) -> bool:
+        """Whether this field is the last response's at the same place (``fields_memo``); when
+        not, the fields so far get a list of their own."""
+        headers = self.headers
+        i = self.matched
+        if i < len(headers):
+            known = headers[i]
+            if known[0] == name and known[1] == value:
+                self.matched = i + 1
+                return True
+        self.matching = False
+        self.headers = headers[:i]
+        return False
+
     def on_headers_complete(self) -> None:
+        if self.matching:
+            self.matching = False
+            if self.matched < len(self.headers):  # fewer fields than the last response
+                self.headers = self.headers[:self.matched]
         if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_FIELDS:
             return  # data_received refuses it; it must never count as a head
         status = self.get_status_code()
@@ -330,7 +359,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = head_only
         self.status = 0
         self.reason = b""
-        self.headers = []
+        memo = self.fields_memo
+        if memo is not None:
+            self.headers, self.matching, self.matched = memo[0], True, 0
+        else:
+            self.headers = []
         self.head_done = False
         self.complete = False
         self.keep_alive = False

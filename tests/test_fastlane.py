@@ -442,6 +442,54 @@ async def test_forwarded_fields_follow_each_request_on_a_keepalive_connection(
     assert [a.headers.get("x-a") for a in backend.seen[-2:]] == ["three", "one"]
 
 
+#: What the member answers on one pooled connection, in turn: each response's fields are
+#: compared with the last one's as they are parsed, and its field block reused when all match
+#: (UpstreamConnection.fields_memo). Every difference must reach the client as it was sent.
+MEMBER_FIELDS: list[tuple[str, list[str]]] = [
+    ("a", ["X-One: 1", "X-Two: 2"]),
+    ("b", ["X-One: 1", "X-Two: 2"]),  # the same fields: the last response's block
+    ("c", ["X-One: 1", "X-Two: 22"]),  # the last value differs
+    ("d", ["X-One: 11", "X-Two: 22"]),  # the first value differs
+    ("e", ["X-One: 11"]),  # fewer fields
+    ("f", ["X-One: 11", "X-Two: 2", "X-Three: 3"]),  # more fields
+    ("gg", ["X-One: 11", "X-Two: 2", "X-Three: 3"]),  # the same but for Content-Length
+    ("h", ["X-One: 11", "x-two: 2", "X-Three: 3"]),  # a name's case differs
+    ("i", ["X-One: 11", "Connection: X-Two", "X-Two: 2"]),  # X-Two is hop-by-hop here
+    ("j", ["X-One: 11", "X-Two: 2", "X-Three: 3"]),  # ... and not here
+    ("k", ["X-One: 11", "Location: {member}/x"]),  # rewritten (ProxyPassReverse)
+    ("l", ["X-One: 11", "Location: {member}/x"]),  # the same fields: rewritten again
+    ("m", []),
+    ("n", []),
+    ("p", ["Content-Length: 1", "X-One: 11", "X-Tail: t"]),
+    ("q", ["Content-Length: 1", "X-One: 11"]),  # the first fields of the last response alone
+    ("r", ["Content-Length: 1", "X-One: 11"]),
+]
+
+
+async def test_member_fields_follow_each_response_on_a_pooled_connection(
+        raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
+    async def answers(ask: Ask) -> bool:
+        body, fields = next((b, f) for b, f in MEMBER_FIELDS if ask.target == f"/{b}")
+        member = f"http://127.0.0.1:{backend.port}"
+        lines = [f.format(member=member) for f in fields]
+        if not any(f.startswith("Content-Length") for f in fields):
+            lines.append(f"Content-Length: {len(body)}")
+        ask.writer.write("\r\n".join(["HTTP/1.1 200 OK", *lines, "", body]).encode())
+        return True
+
+    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, answers, None)
+    replies = [await wire.ask(request(f"/{b}")) for b, _ in MEMBER_FIELDS]
+    assert fwd.fast_requests == len(MEMBER_FIELDS) - 1  # the first one opened the connection
+    assert {a.conn for a in backend.seen} == {1}  # one pooled connection served them all
+    for (body, fields), reply in zip(MEMBER_FIELDS, replies, strict=True):
+        expected = [tuple(f.format(member="http://front.test").split(": ", 1)) for f in fields
+                    if not f.startswith(("Connection", "Content-Length"))
+                    and not (body == "i" and f.startswith("X-Two"))]
+        assert reply.body == body.encode()
+        assert [(n, v) for n, v in reply.headers if n.lower() != "content-length"] == expected, body
+        assert reply.header("Content-Length") == str(len(body))
+
+
 # --- 2. HEAD, 204 and 304 ------------------------------------------------------------------
 
 BODILESS: list[tuple[bytes, bytes]] = [

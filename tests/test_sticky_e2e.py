@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import signal
 from pathlib import Path
 from typing import Any
@@ -208,16 +207,13 @@ async def test_balancer_variables_to_backend_and_in_the_access_log(
     proxy = await start_proxy(pool_doc(
         members(a), stickysession="JSESSIONID", balancerVariables={"requestHeaders": True}))
     stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    accesslog.logger.addHandler(handler)
-    accesslog.logger.setLevel(logging.INFO)
+    accesslog.configure(stream)
     try:
         _, text, _ = await get(client, proxy.url + "/headers",
                                headers={"Cookie": "JSESSIONID=abc.a",
                                         "X-Balancer-Worker-Name": "spoofed"})
     finally:
-        accesslog.logger.removeHandler(handler)
-        accesslog.logger.setLevel(logging.WARNING)
+        accesslog.configure(None)
     seen = {k: v for k, v in json.loads(text)["headers"] if k.startswith("X-Balancer")}
     assert seen == {
         "X-Balancer-Session-Sticky": "JSESSIONID",
