@@ -244,7 +244,7 @@ class ClientTunnel:
 _Queued = tuple[RequestHead, Body, bool] | BadRequest
 
 
-class HttpConnection(asyncio.Protocol):
+class HttpConnection(asyncio.Protocol, Sink):
     """One client connection."""
 
     def __init__(self, server: HttpServer) -> None:

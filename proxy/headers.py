@@ -109,6 +109,16 @@ def response_fields(raw: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None, 
     return b"".join(parts), None if chunked else length, reverse
 
 
+def field_list(block: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields of a head's field block (CRLF-ended lines) that llhttp found valid, as its
+    callbacks would give them: the name as sent, the value without the whitespace before it."""
+    fields = []
+    for line in block.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b":")
+        fields.append((name, value.lstrip(b" \t")))
+    return fields
+
+
 def map_path(path: str, route_prefix: str, backend_prefix: str) -> str:
     """``ProxyPass /app http://m/base`` maps /app/x to /base/x (prefixes without trailing /)."""
     mapped = backend_prefix + path[len(route_prefix):]

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Final
 
 import httptools
 
+from .headers import field_list
 from .model import MemberSpec
 
 log = logging.getLogger("balancerpool.proxy")
@@ -64,6 +65,9 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     kind: ClassVar[str] = "protocol"
+
+
+_OVERSIZED: Final = f"response head over {MAX_RESPONSE_HEAD // 1024} KiB or {MAX_RESPONSE_FIELDS} fields"
 
 
 class Outbox:
@@ -125,12 +129,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Thousands of these can sit idle in the pools: no per-instance dict.
     __slots__ = ("_tell", "buffered", "chunks", "closed", "complete", "counted", "drain_waiter",
-                 "error", "expires", "feed", "fields_memo", "get_status_code", "head_bytes", "head_done",
-                 "head_only", "head_received", "headers", "idle_since", "keep_alive",
-                 "keepalive_timeout", "listener", "loop", "matched", "matching", "parser", "pool",
-                 "reading_paused",
-                 "reason", "received_any", "requests", "reused", "should_keep_alive", "status",
-                 "transport", "upgraded", "waiter", "write_paused")
+                 "error", "expires", "feed", "fields_memo", "get_status_code", "head", "head_done",
+                 "head_only", "head_received", "head_start", "headers", "idle_since", "keep_alive",
+                 "keepalive_timeout", "last_head", "listener", "loop", "parser", "pool",
+                 "reading_paused", "reason", "received_any", "requests", "reused",
+                 "should_keep_alive", "status", "transport", "upgraded", "waiter", "write_paused")
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
@@ -150,23 +153,25 @@ class UpstreamConnection(asyncio.Protocol):
         # Current exchange.
         self.head_only = False
         self.status = 0
+        #: The response's reason and fields, never changed once made: the same as the last
+        #: response's when its head (``last_head``) is the same, byte for byte. A member
+        #: repeats its heads (but Date, once a second) on a connection; then nothing is read
+        #: again, and the Forwarder reuses what it made of the fields (``fields_memo``).
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        #: The last response's fields and what ``response_fields`` made of them (set by the
-        #: Forwarder): a member repeats the same fields (but Date, once a second) on a
-        #: connection. While ``matching``, ``headers`` is that list, never changed, and the
-        #: fields parsed so far equal its first ``matched``; at the first difference they are
-        #: copied into a list of their own. Then a response with the same fields as the last
-        #: one has the same list, with no tuple made and no comparison left to make.
+        self.last_head = b"\0"  # never the start of a head
+        #: The last ``headers`` and what ``response_fields`` made of them (the Forwarder's).
         self.fields_memo: tuple[list[tuple[bytes, bytes]], bytes, int | None, bool] | None = None
-        self.matching = False
-        self.matched = 0
+        #: What came of the response so far while its head is incomplete (llhttp checks the
+        #: head; its fields are read from these bytes once it is complete, rather than passed
+        #: one by one to a callback), and where the head begins (after interim responses).
+        self.head = b""
+        self.head_start = 0
         self.head_done = False
         self.complete = False
         self.keep_alive = False
         self.received_any = False
-        #: Sizes of the parsed fields, and of everything received before the head completed.
-        self.head_bytes = 0
+        #: The size of everything received before the head completed.
         self.head_received = 0
         #: After a 101 response: raw bytes, no more HTTP (a WebSocket tunnel).
         self.upgraded = False
@@ -216,6 +221,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_done and self.head_only:
             self._fail(UpstreamProtocolError("backend sent data after a bodiless response"))
             return
+        if not self.head_done:
+            self.head = self.head + data if self.head else data
         try:
             self.feed(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -237,16 +244,16 @@ class UpstreamConnection(asyncio.Protocol):
                 self.keep_alive = False
                 self.close()
                 return
+            if isinstance(exc.__context__, UpstreamProtocolError):  # on_headers_complete's
+                self._fail(exc.__context__)
+                return
             self._fail(UpstreamProtocolError(f"malformed response from backend: {exc}"))
             return
         if not self.head_done:
             # Bytes received without a complete head: one that never ends must not grow forever.
             self.head_received += len(data)
-            if (self.head_received > MAX_RESPONSE_HEAD or self.head_bytes > MAX_RESPONSE_HEAD
-                    or len(self.headers) > MAX_RESPONSE_FIELDS):
-                self._fail(UpstreamProtocolError(
-                    f"response head over {MAX_RESPONSE_HEAD // 1024} KiB or "
-                    f"{MAX_RESPONSE_FIELDS} fields"))
+            if self.head_received > MAX_RESPONSE_HEAD:
+                self._fail(UpstreamProtocolError(_OVERSIZED))
                 return
         if self.head_done and self.head_only and not self.complete:
             # httptools cannot be told that a HEAD response has no body: end it here.
@@ -295,47 +302,47 @@ class UpstreamConnection(asyncio.Protocol):
             # it into this exchange (its status, fields and body). Stop here.
             raise UpstreamProtocolError("bytes after the response")
 
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not (self.matching and self._matches(name, value)):
-            self.headers.append((name, value))
-        size = len(name)
-        self.head_bytes += size + len(value) + 4
-        if size == 10 and name[0] | 0x20 == 0x6B and name.lower() == b"keep-alive":  # not Connection
-            self.keepalive_timeout = keepalive_timeout(value)
-
-    def _matches(self, name: bytes, value: bytes) -> bool:
-        """Whether this field is the last response's at the same place (``fields_memo``); when
-        not, the fields so far get a list of their own."""
-        headers = self.headers
-        i = self.matched
-        if i < len(headers):
-            known = headers[i]
-            if known[0] == name and known[1] == value:
-                self.matched = i + 1
-                return True
-        self.matching = False
-        self.headers = headers[:i]
-        return False
+    # No on_status or on_header: the head's lines are read from its bytes, once llhttp has
+    # found them valid (CRLF-ended, no obs-fold, names tokens), in on_headers_complete.
 
     def on_headers_complete(self) -> None:
-        if self.matching:
-            self.matching = False
-            if self.matched < len(self.headers):  # fewer fields than the last response
-                self.headers = self.headers[:self.matched]
-        if self.head_bytes > MAX_RESPONSE_HEAD or len(self.headers) > MAX_RESPONSE_FIELDS:
-            return  # data_received refuses it; it must never count as a head
+        head = self.head
         status = self.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            # Interim responses (100 Continue, 103 Early Hints) are not forwarded.
-            self.headers = []
-            self.reason = b""
-            return
+        # The same head as the last response's (the one before it ends where the last one
+        # did: a head ends at its first empty line): the same reason and fields, unread.
+        if not (self.head_start == 0 and head.startswith(self.last_head)) \
+                and not self._read_head(head, status):
+            return  # an interim response (100 Continue, 103 Early Hints): not forwarded
+        self.head = b""
         self.status = status
         self.head_done = True
         self._wake()
+
+    def _read_head(self, head: bytes, status: int) -> bool:
+        """The reason and fields of the head llhttp found valid in ``head`` (CRLF-ended lines,
+        no obs-fold, names tokens); False for an interim response, skipped."""
+        start = self.head_start
+        while start < len(head) and head[start] == 13:  # llhttp skips empty lines before one
+            start += 2
+        line = head.find(b"\r\n", start)  # the status line's end
+        end = head.find(b"\r\n\r\n", line)  # the last field's end (or the status line's)
+        if head[start:start + 5] != b"HTTP/" or line < 0 or end < 0:
+            raise UpstreamProtocolError("response head not where llhttp found one")  # never seen
+        if end + 4 - start > MAX_RESPONSE_HEAD:
+            raise UpstreamProtocolError(_OVERSIZED)
+        if 100 <= status < 200 and status != 101:
+            self.head_start = end + 4
+            return False
+        fields = field_list(head[line + 2:end + 2])
+        if len(fields) > MAX_RESPONSE_FIELDS:
+            raise UpstreamProtocolError(_OVERSIZED)
+        for name, value in fields:
+            if len(name) == 10 and name.lower() == b"keep-alive":
+                self.keepalive_timeout = keepalive_timeout(value)
+        self.headers = fields
+        self.reason = head[start + 13:line]  # after "HTTP/1.1 200 " (llhttp checked the form)
+        self.last_head = head[start:end + 4]
+        return True
 
     def on_body(self, body: bytes) -> None:
         if not body:
@@ -358,17 +365,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self.head_only = head_only
         self.status = 0
-        self.reason = b""
-        memo = self.fields_memo
-        if memo is not None:
-            self.headers, self.matching, self.matched = memo[0], True, 0
-        else:
-            self.headers = []
+        self.head = b""
+        self.head_start = 0
         self.head_done = False
         self.complete = False
         self.keep_alive = False
         self.received_any = False
-        self.head_bytes = self.head_received = 0
+        self.head_received = 0
         self.upgraded = False
         self.error = None
         if self.chunks:

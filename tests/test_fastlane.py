@@ -442,52 +442,72 @@ async def test_forwarded_fields_follow_each_request_on_a_keepalive_connection(
     assert [a.headers.get("x-a") for a in backend.seen[-2:]] == ["three", "one"]
 
 
-#: What the member answers on one pooled connection, in turn: each response's fields are
-#: compared with the last one's as they are parsed, and its field block reused when all match
-#: (UpstreamConnection.fields_memo). Every difference must reach the client as it was sent.
-MEMBER_FIELDS: list[tuple[str, list[str]]] = [
-    ("a", ["X-One: 1", "X-Two: 2"]),
-    ("b", ["X-One: 1", "X-Two: 2"]),  # the same fields: the last response's block
-    ("c", ["X-One: 1", "X-Two: 22"]),  # the last value differs
-    ("d", ["X-One: 11", "X-Two: 22"]),  # the first value differs
-    ("e", ["X-One: 11"]),  # fewer fields
-    ("f", ["X-One: 11", "X-Two: 2", "X-Three: 3"]),  # more fields
-    ("gg", ["X-One: 11", "X-Two: 2", "X-Three: 3"]),  # the same but for Content-Length
-    ("h", ["X-One: 11", "x-two: 2", "X-Three: 3"]),  # a name's case differs
-    ("i", ["X-One: 11", "Connection: X-Two", "X-Two: 2"]),  # X-Two is hop-by-hop here
-    ("j", ["X-One: 11", "X-Two: 2", "X-Three: 3"]),  # ... and not here
-    ("k", ["X-One: 11", "Location: {member}/x"]),  # rewritten (ProxyPassReverse)
-    ("l", ["X-One: 11", "Location: {member}/x"]),  # the same fields: rewritten again
-    ("m", []),
-    ("n", []),
-    ("p", ["Content-Length: 1", "X-One: 11", "X-Tail: t"]),
-    ("q", ["Content-Length: 1", "X-One: 11"]),  # the first fields of the last response alone
-    ("r", ["Content-Length: 1", "X-One: 11"]),
+#: What the member answers on one pooled connection, in turn. A head the same, byte for byte,
+#: as the last one's is not read again (UpstreamConnection.last_head): its reason and fields,
+#: and what the Forwarder made of them, are the last ones. Every difference must reach the
+#: client as it was sent. Each row: the body, the status line, the fields (a Content-Length
+#: after them unless they have one), and how the member writes the head ("split": in three
+#: writes, "blank": after an empty line, which llhttp skips).
+MEMBER_HEADS: list[tuple[str, str, list[str], str]] = [
+    ("a", "200 OK", ["X-One: 1", "X-Two: 2"], ""),
+    ("b", "200 OK", ["X-One: 1", "X-Two: 2"], ""),  # the same head
+    ("c", "200 OK", ["X-One: 1", "X-Two: 22"], ""),  # the last value differs
+    ("d", "200 OK", ["X-One: 11", "X-Two: 22"], ""),  # the first value differs
+    ("e", "200 OK", ["X-One: 11"], ""),  # fewer fields
+    ("f", "200 OK", ["X-One: 11", "X-Two: 2", "X-Three: 3"], ""),  # more fields
+    ("gg", "200 OK", ["X-One: 11", "X-Two: 2", "X-Three: 3"], ""),  # but for Content-Length
+    ("h", "200 OK", ["X-One: 11", "x-two: 2", "X-Three: 3"], ""),  # a name's case differs
+    ("i", "200 OK", ["X-One: 11", "Connection: X-Two", "X-Two: 2"], ""),  # X-Two hop-by-hop
+    ("j", "200 OK", ["X-One: 11", "X-Two: 2", "X-Three: 3"], ""),  # ... and not here
+    ("k", "200 OK", ["X-One: 11", "Location: {member}/x"], ""),  # rewritten (ProxyPassReverse)
+    ("l", "200 OK", ["X-One: 11", "Location: {member}/x"], ""),  # the same head: rewritten again
+    ("m", "200 Fine", ["X-One: 11", "Location: {member}/x"], ""),  # only the reason differs
+    ("n", "200 OK", ["X-One: 11", "Location: {member}/x"], ""),
+    ("o", "200 OK", [], ""),
+    ("p", "200 OK", [], ""),
+    ("q", "200 OK", ["Content-Length: 1", "X-One: 11", "X-Tail: t"], ""),
+    ("r", "200 OK", ["Content-Length: 1", "X-One: 11"], ""),  # the first lines of the last head
+    ("s", "200 OK", ["Content-Length: 1", "X-One: 11"], "split"),  # the same head, in pieces
+    ("t", "200 OK", ["Content-Length: 1", "X-One: 12"], "split"),
+    ("u", "200 OK", ["Content-Length: 1", "X-One: 12"], "blank"),  # the same after an empty line
+    ("v", "200 OK", ["Content-Length: 1", "X-One:  13 ", "X-Two:"], "blank"),  # OWS as sent
+    ("w", "201 Created", ["X-One: 1", "X-Two: 2"], ""),  # the first fields again, another status
 ]
 
 
-async def test_member_fields_follow_each_response_on_a_pooled_connection(
+async def test_member_heads_follow_each_response_on_a_pooled_connection(
         raw: StartRaw, start_proxy: Any, open_wire: OpenWire) -> None:
     async def answers(ask: Ask) -> bool:
-        body, fields = next((b, f) for b, f in MEMBER_FIELDS if ask.target == f"/{b}")
+        body, status, fields, how = next(row for row in MEMBER_HEADS if ask.target == f"/{row[0]}")
         member = f"http://127.0.0.1:{backend.port}"
         lines = [f.format(member=member) for f in fields]
         if not any(f.startswith("Content-Length") for f in fields):
             lines.append(f"Content-Length: {len(body)}")
-        ask.writer.write("\r\n".join(["HTTP/1.1 200 OK", *lines, "", body]).encode())
+        head = "\r\n".join([f"HTTP/1.1 {status}", *lines, "", ""]).encode()
+        if how == "split":
+            for piece in (head[:10], head[10:len(head) - 3], head[len(head) - 3:]):
+                ask.writer.write(piece)
+                await ask.writer.drain()
+                await asyncio.sleep(0.02)  # separate reads: the head arrives in three
+        ask.writer.write((b"\r\n" if how == "blank" else b"") + (b"" if how == "split" else head)
+                         + body.encode())
         return True
 
     backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, answers, None)
-    replies = [await wire.ask(request(f"/{b}")) for b, _ in MEMBER_FIELDS]
-    assert fwd.fast_requests == len(MEMBER_FIELDS) - 1  # the first one opened the connection
+    replies = [await wire.ask(request(f"/{row[0]}")) for row in MEMBER_HEADS]
+    assert fwd.fast_requests == len(MEMBER_HEADS) - 1  # the first one opened the connection
     assert {a.conn for a in backend.seen} == {1}  # one pooled connection served them all
-    for (body, fields), reply in zip(MEMBER_FIELDS, replies, strict=True):
-        expected = [tuple(f.format(member="http://front.test").split(": ", 1)) for f in fields
-                    if not f.startswith(("Connection", "Content-Length"))
-                    and not (body == "i" and f.startswith("X-Two"))]
+    for (body, status, fields, _), reply in zip(MEMBER_HEADS, replies, strict=True):
+        expected = [(n, v.strip()) for n, _, v in (f.format(member="http://front.test").partition(":")
+                                                  for f in fields)
+                    if n not in ("Connection", "Content-Length") and not (body == "i" and n == "X-Two")]
+        assert (reply.status, reply.reason) == (int(status[:3]), status[4:]), body
         assert reply.body == body.encode()
         assert [(n, v) for n, v in reply.headers if n.lower() != "content-length"] == expected, body
         assert reply.header("Content-Length") == str(len(body))
+    # A value goes on without the whitespace before it, and with what follows it (as llhttp's
+    # callbacks gave it).
+    assert b"\r\nX-One: 13 \r\nX-Two: \r\n" in replies[-2].raw
 
 
 # --- 2. HEAD, 204 and 304 ------------------------------------------------------------------
