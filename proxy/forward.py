@@ -751,12 +751,10 @@ class Forwarder:
                 raw_headers: list[tuple[bytes, bytes]], info: dict[str, object]) -> Response:
         """The Response for a member's answer; ``info`` its facts so far (see _answered)."""
         fields: bytes | None
-        memo = conn.fields_memo
-        if memo is not None and memo[0] is raw_headers:  # the same fields (see fields_memo)
-            _, fields, length, reverse = memo
-        else:
-            fields, length, reverse = response_fields(raw_headers)
-            conn.fields_memo = (raw_headers, fields, length, reverse)
+        memo = conn.fields_memo  # None when the connection read new fields (raw_headers)
+        if memo is None:
+            memo = conn.fields_memo = response_fields(raw_headers)
+        fields, length, reverse = memo
         out: list[tuple[str, str]] | None = None
         if reverse and route.spec.reverse:
             origin = f"{head.scheme}://{head.host}" if head.host else ""

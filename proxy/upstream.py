@@ -160,8 +160,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.last_head = b"\0"  # never the start of a head
-        #: The last ``headers`` and what ``response_fields`` made of them (the Forwarder's).
-        self.fields_memo: tuple[list[tuple[bytes, bytes]], bytes, int | None, bool] | None = None
+        #: What ``response_fields`` made of ``headers`` (the Forwarder's); None when new.
+        self.fields_memo: tuple[bytes, int | None, bool] | None = None
         #: What came of the response so far while its head is incomplete (llhttp checks the
         #: head; its fields are read from these bytes once it is complete, rather than passed
         #: one by one to a callback), and where the head begins (after interim responses).
@@ -339,7 +339,7 @@ class UpstreamConnection(asyncio.Protocol):
         for name, value in fields:
             if len(name) == 10 and name.lower() == b"keep-alive":
                 self.keepalive_timeout = keepalive_timeout(value)
-        self.headers = fields
+        self.headers, self.fields_memo = fields, None
         self.reason = head[start + 13:line]  # after "HTTP/1.1 200 " (llhttp checked the form)
         self.last_head = head[start:end + 4]
         return True

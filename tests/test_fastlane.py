@@ -485,15 +485,16 @@ async def test_member_heads_follow_each_response_on_a_pooled_connection(
             lines.append(f"Content-Length: {len(body)}")
         head = "\r\n".join([f"HTTP/1.1 {status}", *lines, "", ""]).encode()
         if how == "split":
-            for piece in (head[:10], head[10:len(head) - 3], head[len(head) - 3:]):
-                ask.writer.write(piece)
-                await ask.writer.drain()
-                await asyncio.sleep(0.02)  # separate reads: the head arrives in three
-        ask.writer.write((b"\r\n" if how == "blank" else b"") + (b"" if how == "split" else head)
-                         + body.encode())
+            # Three reads: each piece waits until the proxy's connection has the one before.
+            (conn,) = proxy.connections("m").conns
+            for end in (10, len(head) - 3):
+                ask.writer.write(head[len(conn.head):end])
+                await wait_for(lambda end=end: len(conn.head) == end)
+            head = head[len(conn.head):]
+        ask.writer.write((b"\r\n" if how == "blank" else b"") + head + body.encode())
         return True
 
-    backend, _proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, answers, None)
+    backend, proxy, fwd, wire = await _warmed(raw, start_proxy, open_wire, answers, None)
     replies = [await wire.ask(request(f"/{row[0]}")) for row in MEMBER_HEADS]
     assert fwd.fast_requests == len(MEMBER_HEADS) - 1  # the first one opened the connection
     assert {a.conn for a in backend.seen} == {1}  # one pooled connection served them all
